@@ -1,0 +1,415 @@
+"""What every stage shares: prompts, model loading, encoding, generation, checkpoints, logs.
+
+One loading path serves the toy model and the real Qwen2.5-VL-7B/32B alike: a local directory or a
+hub id, a dtype, optional 4-bit (bitsandbytes nf4) and LoRA (peft), and a frozen vision tower.
+"""
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import json
+import os
+import random
+import textwrap
+
+import numpy as np
+import torch
+
+# ----------------------------------------------------------------------------------------------
+# Prompts (PAPER.md: Stage 1a step 6 and Stage 2)
+
+SYSTEM_PROMPTS = {
+    # Plain chain of thought: what the base model and the plain-GRPO baseline answer in.
+    "plain": (
+        "Think about the question step by step inside <think> </think>, then give the answer "
+        "inside <answer> </answer>."
+    ),
+    # Reflective format, used by SFT, SRPO and evaluation. The second <think> is optional because
+    # the paper's SFT targets have none (rewards.py accepts both layouts in the paper variant).
+    "reflect": (
+        "Think about the question step by step inside <think> </think> and give a first answer "
+        "inside <answer> </answer>. Then reflect on your reasoning inside <reflection> "
+        "</reflection>: find mistakes, missing information, or how to make it shorter. You may "
+        "think again inside <think> </think>; the second reasoning must improve on the first, "
+        "even when the answer does not change. Give the final answer inside <answer> </answer>. "
+        "Example: <think>1+1=2</think> <answer>2</answer> <reflection>The sum is right and "
+        "short.</reflection> <think>1+1=2</think> <answer>2</answer>"
+    ),
+}
+TAGS = ("<think>", "</think>", "<answer>", "</answer>", "<reflection>", "</reflection>")
+
+
+# ----------------------------------------------------------------------------------------------
+# Config: one dataclass per script, a docstring under every field, parsed from the command line
+
+
+def parse_args(cls, argv=None):
+    """Build an argparse parser from a dataclass; each field's docstring becomes its --help line."""
+    docs, src = {}, ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = src.body[0].body
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = nxt.value.value.replace("%", "%%")  # argparse %-formats help strings
+    parser = argparse.ArgumentParser(description=(cls.__doc__ or "").strip(),
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        # String annotations (`from __future__ import annotations`) are evaluated; `str | None` etc. are objects.
+        kind = eval(f.type, vars(inspect.getmodule(cls))) if isinstance(f.type, str) else f.type  # noqa: S307 (our own annotations)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if kind is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default, help=docs.get(f.name))
+        elif kind in (int, float, str):
+            parser.add_argument(f"--{f.name}", type=kind, default=default, help=docs.get(f.name))
+        else:  # optional values and lists are given as strings
+            parser.add_argument(f"--{f.name}", type=_parse_loose, default=default, help=docs.get(f.name))
+    return cls(**vars(parser.parse_args(argv)))
+
+
+def _parse_loose(s):
+    if s.lower() in ("none", "null", ""):
+        return None
+    for conv in (int, float):
+        try:
+            return conv(s)
+        except ValueError:
+            pass
+    return s
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def is_toy_dir(path) -> bool:
+    return os.path.isfile(os.path.join(str(path), "toy_processor.json"))
+
+
+def load_processor(path):
+    """The toy processor for toy checkpoints, `AutoProcessor` for everything else (real Qwen2.5-VL)."""
+    if is_toy_dir(path):
+        from toy import ToyProcessor
+
+        return ToyProcessor.from_pretrained(path)
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(path)  # no trust_remote_code: Qwen2.5-VL is built in
+    processor.tokenizer.padding_side = "left"
+    return processor
+
+
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+def load_policy(model_path, *, dtype="auto", load_in_4bit=False, lora_r=0, lora_alpha=None,
+                lora_dropout=0.05, freeze_vision=True, gradient_checkpointing=False, device=None,
+                adapter_path=None):
+    """Load (model, processor) from a local directory or hub id.
+
+    dtype: "auto" = bf16 on a GPU, fp32 on a CPU; or "bfloat16" / "float16" / "float32".
+    load_in_4bit: bitsandbytes nf4 weights with bf16 compute (QLoRA); implies LoRA.
+    lora_r > 0: LoRA adapters (peft) on the language model's linear layers only.
+    freeze_vision: the vision tower and projector get no gradient (the paper freezes them).
+    adapter_path: load a saved LoRA adapter on top of `model_path` (trainable if lora_r > 0).
+    """
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype == "auto":
+        dtype = "bfloat16" if device != "cpu" and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    torch_dtype = getattr(torch, dtype)
+    kwargs = {"dtype": torch_dtype}
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        compute = torch.bfloat16 if device != "cpu" else torch.float32
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
+            bnb_4bit_use_double_quant=True,
+            # Patterns match module names from the start or as a suffix: "visual" alone matches nothing.
+            llm_int8_skip_modules=["model.visual", "lm_head"])
+        kwargs["device_map"] = {"": device if device != "cuda" else torch.cuda.current_device()}
+        lora_r = lora_r or 16
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_path, **kwargs)
+    if not load_in_4bit:
+        model.to(device)
+    if freeze_vision:
+        for p in model.model.visual.parameters():  # vision tower + its merger (the projector)
+            p.requires_grad_(False)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if load_in_4bit:
+        _fix_bnb_cpu(model)
+    if adapter_path or lora_r:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        if adapter_path:
+            model = PeftModel.from_pretrained(model, adapter_path, is_trainable=lora_r > 0)
+        else:
+            if load_in_4bit:
+                for p in model.parameters():  # keep norms/embeddings frozen; only adapters train
+                    p.requires_grad_(False)
+            model = get_peft_model(model, LoraConfig(
+                r=lora_r, lora_alpha=lora_alpha or 2 * lora_r, lora_dropout=lora_dropout,
+                target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
+    return model, load_processor(model_path)
+
+
+def _fix_bnb_cpu(model):
+    # bitsandbytes 0.50 repacks 4-bit weights for avx512_bf16 CPUs on an eval-mode forward, which
+    # breaks a later training backward; turning that optimisation off keeps CPU QLoRA trainable.
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+
+
+def unwrap(model):
+    """The plain transformers model under accelerate/DDP wrappers and peft."""
+    model = getattr(model, "module", model)
+    return model
+
+
+def save_model(model, processor, path, merge_lora=False):
+    """Save weights as safetensors + processor, loadable by `load_policy`. LoRA: the adapter, and a
+    merged full copy under `path/merged` when `merge_lora`."""
+    model = unwrap(model)
+    os.makedirs(path, exist_ok=True)
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(path)  # adapter_model.safetensors + adapter_config.json
+        base = model.get_base_model()
+        base.config.save_pretrained(path)
+        processor.save_pretrained(path)
+        if merge_lora:
+            merged = model.merge_and_unload() if not getattr(base, "is_loaded_in_4bit", False) else None
+            if merged is None:
+                raise ValueError("--merge_lora needs unquantised base weights; reload the base in bf16 to merge")
+            merged.save_pretrained(os.path.join(path, "merged"), safe_serialization=True)
+            processor.save_pretrained(os.path.join(path, "merged"))
+    else:
+        model.save_pretrained(path, safe_serialization=True)
+        processor.save_pretrained(path)
+
+
+def resolve_model(path):
+    """(base path, adapter path or None): a LoRA output directory names its base in adapter_config.json."""
+    cfg = os.path.join(str(path), "adapter_config.json")
+    if os.path.isfile(cfg):
+        with open(cfg) as f:
+            return json.load(f)["base_model_name_or_path"], str(path)
+    return str(path), None
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoding
+
+
+def build_prompt(processor, question, has_image, system_prompt):
+    """Chat-formatted prompt text ending with the assistant header; the image comes before the question."""
+    content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": question}]
+    messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": content}]
+    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _as_rgb(images):
+    return [im.convert("RGB") for im in images if im is not None]
+
+
+def encode_prompts(processor, questions, images, system_prompt):
+    """Left-padded prompts for generation: input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids."""
+    texts = [build_prompt(processor, q, im is not None, system_prompt) for q, im in zip(questions, images)]
+    return processor(text=texts, images=_as_rgb(images) or None, padding=True, return_tensors="pt",
+                     padding_side="left")
+
+
+def encode_sft(processor, questions, images, targets, system_prompt):
+    """Right-padded prompt + assistant target with `labels` = -100 everywhere except the target (Eq. 1).
+
+    The target ends with the chat end-of-turn token, which is trained too, so the model learns to stop.
+    """
+    tok = processor.tokenizer
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    prompts = [build_prompt(processor, q, im is not None, system_prompt) for q, im in zip(questions, images)]
+    # Encode prompt-only first: its length (image tokens expanded) is where the target starts.
+    prompt_lens = [int(m.sum()) for m in processor(text=prompts, images=_as_rgb(images) or None, padding=True,
+                                                   return_tensors="pt", padding_side="right")["attention_mask"]]
+    full = [p + t + "<|im_end|>" for p, t in zip(prompts, targets)]
+    batch = processor(text=full, images=_as_rgb(images) or None, padding=True, return_tensors="pt",
+                      padding_side="right")
+    labels = batch["input_ids"].clone()
+    for i, n in enumerate(prompt_lens):
+        labels[i, :n] = -100
+    labels[batch["attention_mask"] == 0] = -100
+    assert (labels[batch["attention_mask"].bool()] != -100).sum() > 0 and eot in batch["input_ids"]
+    batch["labels"] = labels
+    return batch
+
+
+def vision_token_ids(processor):
+    tok = processor.tokenizer
+    names = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+    ids = [tok.convert_tokens_to_ids(t) for t in names]
+    return [i for i in ids if i is not None and i != tok.unk_token_id]
+
+
+def eos_token_ids(processor):
+    tok = processor.tokenizer
+    return sorted({tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")})
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation
+
+
+def completion_mask(completion_ids, eos_ids):
+    """1 up to and including the first end-of-sequence token, 0 after it: by POSITION, never by
+    pad value (pad and EOS may be the same id). (B, T) -> (B, T)
+
+    Example: eos=2, [[5, 2, 2, 7]] -> [[1, 1, 0, 0]]
+    """
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))
+    T = completion_ids.shape[1]
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(is_eos[:, 0], T, dtype=torch.long))
+    return (torch.arange(T, device=completion_ids.device)[None] <= first[:, None]).long()
+
+
+@torch.no_grad()
+def generate(model, processor, batch, *, max_new_tokens, temperature=0.0, top_p=1.0, min_new_tokens=None):
+    """Sample (temperature > 0, plain softmax(logits / T) with top-p, no top-k) or decode greedily.
+
+    Returns (completion_ids (B, T), completion_mask (B, T), texts). Vision special tokens are
+    suppressed: a sampled <|image_pad|> would break the next forward pass with an image.
+    """
+    gen = unwrap(model)
+    eos = eos_token_ids(processor)
+    kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=processor.tokenizer.pad_token_id,
+                  suppress_tokens=vision_token_ids(processor), use_cache=True)
+    if min_new_tokens:
+        kwargs["min_new_tokens"] = min_new_tokens
+    if temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    batch = {k: v.to(gen.device) for k, v in batch.items()}
+    out = gen.generate(**batch, **kwargs)
+    completion = out[:, batch["input_ids"].shape[1]:]
+    mask = completion_mask(completion, eos)
+    texts = [processor.tokenizer.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in zip(completion, mask)]
+    return completion, mask, texts
+
+
+def generate_responses(model, processor, questions, images, *, system_prompt, max_new_tokens,
+                       temperature=0.0, batch_size=8, desc="generate"):
+    """Answer many questions in batches (left-padded) with a progress bar. Returns the texts."""
+    from tqdm.auto import tqdm
+
+    unwrap(model).eval()
+    texts = []
+    for i in tqdm(range(0, len(questions), batch_size), desc=desc, leave=False):
+        batch = encode_prompts(processor, questions[i:i + batch_size], images[i:i + batch_size], system_prompt)
+        texts += generate(model, processor, batch, max_new_tokens=max_new_tokens, temperature=temperature)[2]
+    return texts
+
+
+# ----------------------------------------------------------------------------------------------
+# Files: JSONL logs, checkpoints, plots
+
+
+def append_jsonl(path, row):
+    """Append one row and flush, so a crash loses at most the row being written."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+
+
+def read_jsonl(path):
+    """Rows of a JSONL file ([] if missing). A torn last line (crash mid-write) is dropped."""
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path) as f:
+        lines = f.read().splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}: line {i + 1} is not valid JSON ({e})") from e
+    return rows
+
+
+def save_training_state(path, *, model, optimizer, scheduler, step, extra=None):
+    """Everything `--resume` needs: trainable weights, optimizer, scheduler, RNG states, step."""
+    os.makedirs(path, exist_ok=True)
+    from safetensors.torch import save_file
+
+    trainable = {n: p.detach().cpu().contiguous() for n, p in unwrap(model).named_parameters() if p.requires_grad}
+    save_file(trainable, os.path.join(path, "trainable.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+                "extra": extra or {}}, os.path.join(path, "state.pt"))
+
+
+def load_training_state(path, *, model, optimizer, scheduler):
+    """Restore what `save_training_state` wrote; returns (step, extra)."""
+    from safetensors.torch import load_file
+
+    weights = load_file(os.path.join(path, "trainable.safetensors"))
+    params = dict(unwrap(model).named_parameters())
+    with torch.no_grad():
+        for n, w in weights.items():
+            params[n].copy_(w)
+    state = torch.load(os.path.join(path, "state.pt"), weights_only=False)  # our own file, written above
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    torch.set_rng_state(state["rng"]["torch"])
+    return state["step"], state["extra"]
+
+
+def cosine_schedule(optimizer, warmup_steps, total_steps, min_ratio=0.0):
+    """Linear warm-up then cosine decay to `min_ratio` x lr."""
+    import math
+
+    def f(step):
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
+
+
+def plot_metrics(rows, keys, path, title=""):
+    """Line plot of `keys` against `step` from metric rows; writes a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if pts:
+            ax.plot(*zip(*pts))
+        ax.set_title(key)
+        ax.set_xlabel("step")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,383 @@
+"""The embedded toy world: visual math problems, a tiny Qwen2.5-VL and its tokenizer/processor.
+
+Nothing can be downloaded on a classroom laptop or in CI, so every script's defaults run on this:
+
+* `make_problem(seed)`  - a deterministic visual math problem: an 84x84 RGB image of coloured dots
+  (or a 3-bar chart), a question, a gold answer, options for multiple choice, and a structured
+  solution (the counts read off the image + the arithmetic on them).
+* `toy_dataset(split, n)` - a `datasets.Dataset` of such problems; train and test never share a seed.
+* `build_tokenizer()`, `ToyProcessor`, `build_tiny_model()` - a byte-level BPE tokenizer trained
+  here, a processor that produces exactly the official Qwen2.5-VL processor's tensors, and a
+  ~1M-parameter `Qwen2_5_VLForConditionalGeneration` (the real architecture, just small).
+* `oracle_reflection(...)` - the toy stand-in for the paper's teacher (o4-mini): it knows the
+  structured solution, names the first wrong step and writes the fix.
+
+Example:
+    >>> p = make_problem(3)
+    >>> p["question"], p["answer"]            # doctest: +SKIP
+    ('How many red dots are there?', '3')
+"""
+
+import json
+import os
+import random
+import re
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+IMAGE_SIZE = 84  # 84 = 3 x 28: a 6x6 grid of 14-px patches, 9 image tokens after the 2x2 merge
+COLOURS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220)}
+FAMILIES = ("count", "add", "subtract", "compare", "bar")
+TEST_SEED_OFFSET = 10_000_000  # test seeds start here; train seeds are 0..TEST_SEED_OFFSET-1
+DOT_RADIUS = 6
+MAX_PER_COLOUR = 4
+
+
+# ----------------------------------------------------------------------------------------------
+# Problems
+
+
+def _draw_dots(rng, counts):
+    """Dots on a jittered 4x4 grid (21-px cells), so dots never touch and each is one blob."""
+    img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    cells = rng.sample(range(16), sum(counts.values()))
+    colours = [c for c, n in counts.items() for _ in range(n)]
+    for cell, colour in zip(cells, colours):
+        cx = (cell % 4) * 21 + 10 + rng.randint(-3, 3)
+        cy = (cell // 4) * 21 + 10 + rng.randint(-3, 3)
+        r = DOT_RADIUS
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=COLOURS[colour])
+    return img
+
+
+def _draw_bars(heights):
+    """Three bars (red, green, blue) of `heights` units; one unit is 12 px."""
+    img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    for i, (colour, h) in enumerate(heights.items()):
+        x0 = 6 + i * 26
+        draw.rectangle([x0, IMAGE_SIZE - 6 - 12 * h, x0 + 20, IMAGE_SIZE - 6], fill=COLOURS[colour])
+    return img
+
+
+def make_problem(seed: int) -> dict:
+    """One problem, fully determined by `seed`.
+
+    Returns a dict with `id`, `family`, `question`, `answer` (str), `choices` (list of option
+    texts, empty for free-form answers), `solution` (JSON: the values read off the image and the
+    operation) and `image` (PIL RGB, 84x84).
+    """
+    rng = random.Random(seed)
+    family = FAMILIES[rng.randrange(len(FAMILIES))]
+    c1, c2 = rng.sample(list(COLOURS), 2)
+    choices = []
+    if family == "bar":
+        heights = dict(zip(COLOURS, rng.sample(range(1, 6), 3)))
+        tallest = max(heights, key=heights.get)
+        choices = list(COLOURS)
+        question = "Which bar is the tallest? Choices: A. red B. green C. blue"
+        reads, op, result = list(heights.items()), "max", tallest
+        answer = "ABC"[choices.index(tallest)]
+        image = _draw_bars(heights)
+    else:
+        n1, n2 = rng.randint(1, MAX_PER_COLOUR), rng.randint(1, MAX_PER_COLOUR)
+        if family == "subtract":  # "how many more" needs n1 > n2
+            n2 = rng.randint(1, MAX_PER_COLOUR - 1)
+            n1 = rng.randint(n2 + 1, MAX_PER_COLOUR)
+        if family == "count":
+            counts = {c1: n1}
+        else:
+            counts = {c1: n1, c2: n2}
+        # Distractor dots of the third colour make reading harder than "count everything".
+        third = next(c for c in COLOURS if c not in counts)
+        counts[third] = rng.randint(0, 2)
+        image = _draw_dots(rng, counts)
+        reads = [(c1, n1)] if family == "count" else [(c1, n1), (c2, n2)]
+        if family == "count":
+            question, op, result = f"How many {c1} dots are there?", "read", n1
+        elif family == "add":
+            question, op, result = f"How many {c1} and {c2} dots are there in total?", "+", n1 + n2
+        elif family == "subtract":
+            question, op, result = f"How many more {c1} dots than {c2} dots are there?", "-", n1 - n2
+        else:  # compare
+            choices = [c1, c2, "equal"]
+            question = f"Are there more {c1} or {c2} dots? Choices: A. {c1} B. {c2} C. equal"
+            result = c1 if n1 > n2 else c2 if n2 > n1 else "equal"
+            op = "compare"
+        answer = "ABC"[choices.index(result)] if choices else str(result)
+    solution = json.dumps({"reads": reads, "op": op, "result": result})
+    return {"id": f"toy-{seed}", "family": family, "question": question, "answer": answer,
+            "choices": choices, "solution": solution, "image": image}
+
+
+def solve(reads, op):
+    """The arithmetic step of a solution, from the values read off the image."""
+    values = [v for _, v in reads]
+    if op == "read":
+        return values[0]
+    if op == "+":
+        return values[0] + values[1]
+    if op == "-":
+        return values[0] - values[1]
+    if op == "compare":
+        (c1, n1), (c2, n2) = reads
+        return c1 if n1 > n2 else c2 if n2 > n1 else "equal"
+    return max(reads, key=lambda kv: kv[1])[0]  # "max": tallest bar
+
+
+def solution_text(reads, op) -> str:
+    """Chain of thought for a solution, e.g. 'red: 3. blue: 2. 3 + 2 = 5.'"""
+    text = " ".join(f"{c}: {v}." for c, v in reads)
+    result = solve(reads, op)
+    if op in "+-":
+        text += f" {reads[0][1]} {op} {reads[1][1]} = {result}."
+    elif op == "compare":
+        text += f" so {result}." if result == "equal" else f" {result} has more."
+    elif op == "max":
+        text += f" {result} is the tallest."
+    return text
+
+
+def cot_response(problem: dict, reads=None) -> str:
+    """Plain chain-of-thought target `<think>...</think>\\n<answer>...</answer>` for `problem`.
+
+    `reads` overrides the values read off the image (used to make a deliberately wrong answer).
+    """
+    sol = json.loads(problem["solution"])
+    reads = reads if reads is not None else [tuple(r) for r in sol["reads"]]
+    result = solve(reads, sol["op"])
+    choices = problem["choices"]
+    answer = "ABC"[choices.index(result)] if choices else str(result)
+    return f"<think>{solution_text(reads, sol['op'])}</think>\n<answer>{answer}</answer>"
+
+
+_READ_RE = re.compile(r"\b(red|green|blue): (\d+)")
+
+
+def oracle_reflection(problem: dict, policy_cot: str, policy_correct: bool) -> str:
+    """The toy teacher: a reflection written from the structured solution (a stand-in for o4-mini).
+
+    Like the paper's teacher it sees the policy's reasoning and the correct answer. For a wrong
+    answer it names the first wrong step and redoes the reasoning from there; for a right one it
+    confirms the steps in the shortest form.
+    """
+    sol = json.loads(problem["solution"])
+    truth = [tuple(r) for r in sol["reads"]]
+    seen = dict((c, int(v)) for c, v in _READ_RE.findall(policy_cot or ""))
+    fix = solution_text(truth, sol["op"])
+    if policy_correct:
+        return f"The reading is right and the steps are short enough: {fix}"
+    for colour, value in truth:
+        if colour not in seen:
+            return f"The {colour} value was never read off the image. Reading again: {fix}"
+        if seen[colour] != value:
+            return f"The {colour} value is wrong: it is {value}, not {seen[colour]}. Reading again: {fix}"
+    return f"The values are read right but the last step is wrong. Redo it: {fix}"
+
+
+def toy_dataset(split: str = "train", n: int = 2000, seed: int = 0):
+    """`n` toy problems as a `datasets.Dataset` with an Image feature. Test seeds never meet train seeds."""
+    import datasets
+
+    if split not in ("train", "test"):
+        raise ValueError(f"toy split must be 'train' or 'test', got {split!r}")
+    start = seed * n + (TEST_SEED_OFFSET if split == "test" else 0)
+    assert start + n <= TEST_SEED_OFFSET or split == "test", "train seeds would reach the test range"
+    rows = [make_problem(s) for s in range(start, start + n)]
+    features = datasets.Features({
+        "id": datasets.Value("string"), "family": datasets.Value("string"),
+        "question": datasets.Value("string"), "answer": datasets.Value("string"),
+        "choices": datasets.List(datasets.Value("string")), "solution": datasets.Value("string"),
+        "image": datasets.Image(),
+    })
+    return datasets.Dataset.from_list(rows, features=features)
+
+
+def count_blobs(image: Image.Image, colour: str) -> int:
+    """Connected components of pixels close to `colour` (used by tests to check images vs answers)."""
+    arr = np.asarray(image.convert("RGB")).astype(int)
+    mask = (np.abs(arr - np.array(COLOURS[colour])).sum(-1) < 60)
+    seen = np.zeros_like(mask)
+    blobs = 0
+    for y, x in zip(*np.nonzero(mask)):
+        if seen[y, x]:
+            continue
+        blobs += 1
+        stack = [(y, x)]
+        seen[y, x] = True
+        while stack:
+            cy, cx = stack.pop()
+            for ny, nx in ((cy + 1, cx), (cy - 1, cx), (cy, cx + 1), (cy, cx - 1)):
+                if 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    stack.append((ny, nx))
+    return blobs
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer, processor and the tiny model
+
+# Qwen2.5-VL's special tokens, in Qwen's order; the reasoning tags are single (non-special) tokens.
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>",
+                  "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",
+                  "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+                  "<|image_pad|>", "<|video_pad|>"]
+TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>", "<reflection>", "</reflection>"]
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+
+# Qwen2.5-VL's chat template, trimmed to what we use (system/user/assistant; text and image parts).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _tokenizer_corpus(extra_texts=()):
+    texts = list(extra_texts)
+    for seed in range(3000):
+        p = make_problem(TEST_SEED_OFFSET * 3 + seed)  # a seed range used by neither split
+        sol = json.loads(p["solution"])
+        texts += [p["question"], cot_response(p),
+                  oracle_reflection(p, "", False), oracle_reflection(p, solution_text(sol["reads"], sol["op"]), True)]
+    texts += [str(i) for i in range(-20, 100)] + list("ABCDEFGHIJ")
+    return texts
+
+
+def build_tokenizer(extra_texts=(), vocab_size: int = 1024):
+    """A byte-level BPE tokenizer trained on the toy corpus (+ `extra_texts`, e.g. system prompts)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_tokenizer_corpus(extra_texts), trainer)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAG_TOKENS])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                 additional_special_tokens=SPECIAL_TOKENS[1:], padding_side="left")
+    hf.chat_template = CHAT_TEMPLATE
+    return hf
+
+
+class ToyProcessor:
+    """A processor for the toy model that returns exactly what `Qwen2_5_VLProcessor` returns.
+
+    Why not the official one: it builds a video processor that needs torchvision, which does not
+    import beside the CPU torch wheel used here. Real checkpoints load through `AutoProcessor`
+    (see `common.load_processor`); this class is only used for directories holding `toy_processor.json`.
+    Outputs: `input_ids`, `attention_mask`, `pixel_values` (all images' patches, flat),
+    `image_grid_thw` (one row per image) and `mm_token_type_ids` (1 at image tokens), without which
+    transformers 5 silently falls back to 1-D positions instead of Qwen's 3-D M-RoPE.
+    """
+
+    def __init__(self, tokenizer, image_processor):
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+        self.image_token = "<|image_pad|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.chat_template = tokenizer.chat_template
+
+    @classmethod
+    def build(cls, tokenizer):
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        # min/max pixels keep an 84x84 image at 84x84: 36 patches -> 9 image tokens.
+        ip = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=IMAGE_SIZE * IMAGE_SIZE)
+        return cls(tokenizer, ip)
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False, **kw):
+        return self.tokenizer.apply_chat_template(messages, tokenize=tokenize,
+                                                  add_generation_prompt=add_generation_prompt, **kw)
+
+    def __call__(self, text, images=None, padding=True, return_tensors="pt", padding_side=None, **kw):
+        import torch
+        from transformers import BatchFeature
+
+        text = [text] if isinstance(text, str) else list(text)
+        out = {}
+        if images:
+            vision = self.image_processor(images=images, return_tensors="pt")
+            out["pixel_values"], out["image_grid_thw"] = vision["pixel_values"], vision["image_grid_thw"]
+            merge = self.image_processor.merge_size ** 2
+            counts = iter((vision["image_grid_thw"].prod(-1) // merge).tolist())
+            # Expand each <|image_pad|> to as many tokens as the image has merged patches.
+            expanded = []
+            for t in text:
+                parts = t.split(self.image_token)
+                s = parts[0]
+                for p in parts[1:]:
+                    s += self.image_token * next(counts) + p
+                expanded.append(s)
+            text = expanded
+        enc = self.tokenizer(text, padding=padding, return_tensors=return_tensors,
+                             padding_side=padding_side or self.tokenizer.padding_side, **kw)
+        out["input_ids"], out["attention_mask"] = enc["input_ids"], enc["attention_mask"]
+        out["mm_token_type_ids"] = (enc["input_ids"] == self.image_token_id).to(torch.int64)
+        return BatchFeature(out)
+
+    def batch_decode(self, *args, **kw):
+        return self.tokenizer.batch_decode(*args, **kw)
+
+    def decode(self, *args, **kw):
+        return self.tokenizer.decode(*args, **kw)
+
+    def save_pretrained(self, path):
+        os.makedirs(path, exist_ok=True)
+        self.tokenizer.save_pretrained(path)
+        self.image_processor.save_pretrained(path)
+        with open(os.path.join(path, "toy_processor.json"), "w") as f:
+            json.dump({"processor_class": "ToyProcessor", "note": "see toy.py"}, f)
+
+    @classmethod
+    def from_pretrained(cls, path):
+        from transformers import AutoTokenizer
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        return cls(AutoTokenizer.from_pretrained(path), Qwen2VLImageProcessorPil.from_pretrained(path))
+
+
+def build_tiny_model(tokenizer, *, hidden: int = 128, layers: int = 4, vision_hidden: int = 64,
+                     vision_depth: int = 2, seed: int = 0):
+    """A randomly initialised ~1M-parameter Qwen2_5_VLForConditionalGeneration (real architecture)."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    ids = tokenizer.convert_tokens_to_ids
+    heads = 4
+    # M-RoPE splits the rotary half-dim over (time, height, width) in Qwen's 1/4 : 3/8 : 3/8 ratio
+    # ([16, 24, 24] for head_dim 128; [4, 6, 6] for hidden 128; [2, 3, 3] for hidden 64).
+    half = hidden // heads // 2
+    mrope_section = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=2,
+            max_position_embeddings=2048, rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                             "mrope_section": mrope_section},
+            bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
+        ),
+        vision_config=dict(
+            depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+            num_heads=2, out_hidden_size=hidden, patch_size=14, spatial_merge_size=2,
+            temporal_patch_size=2, window_size=112, fullatt_block_indexes=[vision_depth - 1],
+        ),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = [ids("<|im_end|>"), ids("<|endoftext|>")]
+    model.generation_config.pad_token_id = ids("<|endoftext|>")
+    return model
