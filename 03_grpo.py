@@ -1,0 +1,427 @@
+"""Stage 2: reflection-aware GRPO, written out by hand (PAPER.md, "Stage 2"; Eqs. 2-8).
+
+Each step: take a batch of prompts with images, sample a group of G responses per prompt, score each
+with the SRPO reward (rewards.py), normalise rewards within each group into advantages, and take mu
+clipped-surrogate steps with an optional k3 KL to a frozen reference. The whole update is
+`grpo_step` below; everything else is plumbing (data, logging, checkpoints).
+
+Toy (after 02, ~3 minutes on 2 CPU cores):
+    python 03_grpo.py                                            # SRPO: runs/toy/sft -> runs/toy/srpo
+    python 03_grpo.py --reward grpo --model runs/toy/sft_cot --out_dir runs/toy/grpo   # plain-GRPO baseline
+Real scale (Qwen2.5-VL-7B after reflection SFT, 8 GPUs; authors' settings):
+    accelerate launch --config_file configs/zero3.yaml 03_grpo.py --model runs/sft-7b \\
+        --data my_rl_prompts.jsonl --prompts_per_step 16 --group_size 8 --max_new_tokens 2048 \\
+        --lr 1e-6 --steps 500 --temperature 1.0 --max_pixels 262144
+    (--prompts_per_step is per process: 8 x 16 = the paper's 128 prompts per rollout batch)
+One GPU, 4-bit QLoRA: python 03_grpo.py --model ... --load_in_4bit --lora_r 16
+
+Outputs in --out_dir: the model (safetensors; LoRA: the adapter), metrics.jsonl (one row per step),
+samples.jsonl (completions with their rewards), curves.png, checkpoint/ (for --resume).
+"""
+
+import contextlib
+import copy
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import common
+import rewards
+import toy
+
+
+@dataclass
+class Args:
+    """Reflection-aware GRPO (SRPO stage 2) on the toy task by default."""
+
+    model: str = "runs/toy/sft"
+    """policy to start from (02's output; a LoRA output directory works too)"""
+    out_dir: str = "runs/toy/srpo"
+    """where the trained policy, metrics and samples go"""
+    data: str = "toy"
+    """'toy', or a local JSONL/parquet with question, answer, image (path), optional choices"""
+    train_size: int = 2000
+    """toy RL prompts (drawn from train seeds not used by stage 1)"""
+    reward: str = "paper"
+    """'paper' (Eqs. 4-8, default), 'released' (the authors' code) or 'grpo' (plain-GRPO baseline)"""
+    alpha: float = 0.1
+    """weight of the length reward f_len (Eq. 6)"""
+    use_length: bool = True
+    """ablation: --no-use_length drops alpha x f_len"""
+    use_effectiveness: bool = True
+    """ablation: --no-use_effectiveness drops I_eff"""
+    system_prompt: str = "auto"
+    """key of common.SYSTEM_PROMPTS; 'auto' = 'plain' for the grpo reward, else 'reflect'"""
+    steps: int = 60
+    """optimizer rollouts (paper: 500)"""
+    prompts_per_step: int = 8
+    """prompts per rollout per process (paper: 128 over 8 GPUs)"""
+    group_size: int = 8
+    """G, responses sampled per prompt (paper: 8)"""
+    temperature: float = 1.0
+    """sampling temperature T; log-probs use the same T (paper: 1.0)"""
+    top_p: float = 1.0
+    """nucleus sampling (paper: 1.0)"""
+    max_new_tokens: int = 128
+    """response length cap (paper: 2048)"""
+    mu: int = 1
+    """inner iterations (optimizer steps) per rollout batch; with mu = 1 the ratio is exactly 1"""
+    clip_eps: float = 0.2
+    """epsilon of the clipped surrogate (Eq. 2)"""
+    clip_eps_high: float = 0.0
+    """upper clip epsilon (DAPO's clip-higher); 0 = same as clip_eps"""
+    kl_coef: float = 0.0
+    """beta, weight of the k3 KL to the reference (released script: 0; the paper names k3, no value)"""
+    loss_agg: str = "token-mean"
+    """'token-mean' (all tokens of the batch), 'seq-mean-token-mean' (original GRPO), 'seq-mean-token-sum-norm' (Dr. GRPO)"""
+    accuracy_filter: bool = True
+    """train only on groups whose mean final-answer accuracy is within [filter_low, filter_high]"""
+    filter_low: float = 0.1
+    """lower bound of the accuracy filter"""
+    filter_high: float = 0.9
+    """upper bound of the accuracy filter"""
+    lr: float = 1e-4
+    """learning rate (paper: 1e-6 for 7B full fine-tuning; the tiny toy model needs more)"""
+    warmup_ratio: float = 0.03
+    """share of steps in linear warm-up"""
+    min_lr_ratio: float = 0.1
+    """cosine decays to this fraction of lr"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    grad_clip: float = 1.0
+    """max gradient norm"""
+    micro_batch: int = 32
+    """sequences per log-prob forward pass (bounds logits memory)"""
+    lora_r: int = 0
+    """LoRA rank (0 = full fine-tuning of the language model)"""
+    load_in_4bit: bool = False
+    """nf4 base weights + LoRA (one-GPU mode)"""
+    gradient_checkpointing: bool = False
+    """trade compute for memory"""
+    freeze_vision: bool = True
+    """keep the vision tower and projector frozen (paper)"""
+    save_every: int = 20
+    """write a resumable checkpoint every N steps (0 = never)"""
+    resume: bool = False
+    """continue from out_dir/checkpoint"""
+    sample_every: int = 10
+    """write sample completions every N steps"""
+    seed: int = 0
+    """random seed"""
+    stop_after: int = 0
+    """end this run after N steps as if interrupted (0 = run to --steps); for testing --resume"""
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches with images: Qwen-VL's pixel_values are flat (all patches of all images), indexed by
+# image_grid_thw, so selecting or repeating rows must select or repeat patch blocks with them.
+
+
+def _images_per_row(batch, vision_start_id):
+    return (batch["input_ids"] == vision_start_id).sum(1).tolist()
+
+
+def select_rows(batch, rows, vision_start_id):
+    """Sub-batch `rows` (a list of row indices, repeats allowed) with their images' patches."""
+    out = {k: v[rows] for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
+    if "pixel_values" in batch:
+        per_row = _images_per_row(batch, vision_start_id)
+        grids = batch["image_grid_thw"]
+        patches = grids.prod(-1).tolist()
+        img_start = [sum(per_row[:i]) for i in range(len(per_row))]
+        patch_start = [sum(patches[:j]) for j in range(len(patches))]
+        imgs = [j for r in rows for j in range(img_start[r], img_start[r] + per_row[r])]
+        if imgs:
+            out["image_grid_thw"] = grids[imgs]
+            out["pixel_values"] = torch.cat([batch["pixel_values"][patch_start[j]:patch_start[j] + patches[j]] for j in imgs])
+    return out
+
+
+def repeat_for_group(batch, G, vision_start_id):
+    """Each prompt repeated G times in a row: (P, ...) -> (P*G, ...), images included."""
+    P = batch["input_ids"].shape[0]
+    return select_rows(batch, [i for i in range(P) for _ in range(G)], vision_start_id)
+
+
+# ----------------------------------------------------------------------------------------------
+# The pieces of the GRPO objective
+
+
+def group_advantages(r, eps=1e-4):
+    """Eq. 3: A_i = (r_i - mean(r)) / (std(r) + eps) within each group. (P, G) -> (P, G)
+
+    Example: [[1., 0., 0., 1.]] -> [[0.866, -0.866, -0.866, 0.866]]
+    """
+    return (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)  # Eq. 3
+
+
+def token_logprobs(model, batch, completion_ids, temperature, micro_batch, vision_start_id):
+    """log pi(o_t | q, o_<t) of each completion token, from log_softmax(logits / T) in fp32.
+
+    batch: left-padded prompts (B, Lp) + images; completion_ids: (B, T). Returns (B, T). Runs in
+    micro-batches so the (b, L, vocab) logits never exist for the whole batch at once.
+    """
+    Lp, out = batch["input_ids"].shape[1], []
+    for s in range(0, completion_ids.shape[0], micro_batch):
+        rows = list(range(s, min(s + micro_batch, completion_ids.shape[0])))
+        mb = select_rows(batch, rows, vision_start_id)
+        comp = completion_ids[rows]
+        mb["input_ids"] = torch.cat([mb["input_ids"], comp], 1)
+        # Tokens after EOS are attended-off; their log-probs are masked out of the loss anyway.
+        mb["attention_mask"] = torch.cat([mb["attention_mask"], torch.ones_like(comp)], 1)
+        mb["mm_token_type_ids"] = torch.cat([mb["mm_token_type_ids"], torch.zeros_like(comp)], 1)
+        logits = model(**mb, use_cache=False).logits[:, Lp - 1:-1]  # position t predicts token t+1
+        logp = F.log_softmax(logits.float() / temperature, dim=-1)
+        out.append(logp.gather(-1, comp.unsqueeze(-1)).squeeze(-1))
+    return torch.cat(out)
+
+
+def aggregate(per_token, mask, how):
+    """Reduce a (B, T) per-token loss to a scalar over completion tokens."""
+    if how == "token-mean":  # every token of the batch weighs the same (DAPO, EasyR1 default)
+        return (per_token * mask).sum() / mask.sum().clamp(min=1)
+    if how == "seq-mean-token-mean":  # each response weighs the same (original GRPO)
+        return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    if how == "seq-mean-token-sum-norm":  # Dr. GRPO: token sums over a constant length
+        return ((per_token * mask).sum(1) / mask.shape[1]).mean()
+    raise ValueError(f"unknown --loss_agg {how!r}")
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, args):
+    """The clipped surrogate with k3 KL (Eq. 2), per token, aggregated. Returns (loss, stats).
+
+    logp/old_logp/ref_logp/mask: (B, T); advantages: (B,), one per response, shared by its tokens.
+    """
+    log_ratio = (logp - old_logp).clamp(-20.0, 20.0)  # clamp: exp() of a big gap overflows
+    ratio = torch.exp(log_ratio)  # rho = pi_theta / pi_old
+    A = advantages[:, None]
+    eps_high = args.clip_eps_high or args.clip_eps
+    surrogate = torch.min(ratio * A, torch.clamp(ratio, 1 - args.clip_eps, 1 + eps_high) * A)  # Eq. 2
+    per_token = -surrogate
+    kl = torch.zeros_like(logp)
+    if ref_logp is not None:
+        d = (ref_logp - logp).clamp(-20.0, 20.0)
+        kl = torch.exp(d) - d - 1  # k3 estimator of KL(pi_theta || pi_ref), >= 0
+        per_token = per_token + args.kl_coef * kl  # Eq. 2: - beta * D_KL
+    loss = aggregate(per_token, mask, args.loss_agg)
+    with torch.no_grad():
+        clipped = ((ratio < 1 - args.clip_eps) & (A < 0)) | ((ratio > 1 + eps_high) & (A > 0))
+        n = mask.sum().clamp(min=1)
+        stats = {"kl": ((kl * mask).sum() / n).item(), "clip_frac": ((clipped * mask).sum() / n).item()}
+    return loss, stats
+
+
+def score_responses(texts, prompts, G, reward_fn):
+    """Reward of each response against its OWN prompt: response i belongs to prompt i // G."""
+    assert len(texts) == len(prompts) * G
+    return [reward_fn(text, prompts[i // G]) for i, text in enumerate(texts)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+def load_prompts(args):
+    """RL prompts: question, gold answer, choices, PIL image (or None)."""
+    if args.data == "toy":
+        ds = toy.toy_dataset("train", args.train_size, seed=1)  # seeds disjoint from stage 1's pool
+        return [{"id": r["id"], "question": r["question"], "answer": r["answer"], "choices": r["choices"],
+                 "image": r["image"]} for r in ds]
+    return common.load_problems(args.data)
+
+
+def step_prompts(prompts, step, n, seed, rank, world):
+    """This process's prompts for `step`: a deterministic function of (seed, step) so resume and
+    every rank agree on the global batch; ranks take disjoint slices of it."""
+    g = torch.Generator().manual_seed(seed * 100_003 + step)
+    idx = torch.randint(len(prompts), (n * world,), generator=g).tolist()
+    return [prompts[i] for i in idx[rank::world]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def main(args: Args):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    common.seed_everything(args.seed + rank)
+    system = common.SYSTEM_PROMPTS[args.system_prompt if args.system_prompt != "auto"
+                                   else ("plain" if args.reward == "grpo" else "reflect")]
+    base, adapter = common.resolve_model(args.model)
+    model, processor = common.load_policy(
+        base, adapter_path=adapter, lora_r=args.lora_r or (16 if adapter else 0), load_in_4bit=args.load_in_4bit,
+        freeze_vision=args.freeze_vision, gradient_checkpointing=args.gradient_checkpointing,
+        device=str(accelerator.device))
+    ref_model = None
+    if args.kl_coef > 0 and not hasattr(model, "peft_config"):
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # LoRA: adapters off instead
+    tok = processor.tokenizer
+    vision_start = tok.convert_tokens_to_ids("<|vision_start|>")
+    count_tokens = lambda s: len(tok(s, add_special_tokens=False).input_ids)  # noqa: E731
+    reward_fn = lambda text, p: rewards.srpo_reward(  # noqa: E731
+        text, p["answer"], choices=p["choices"] or None, count_tokens=count_tokens, variant=args.reward,
+        alpha=args.alpha, use_length=args.use_length, use_effectiveness=args.use_effectiveness)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    scheduler = common.cosine_schedule(optimizer, math.ceil(args.warmup_ratio * args.steps * args.mu),
+                                       args.steps * args.mu, args.min_lr_ratio)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    prompts = load_prompts(args)
+    os.makedirs(args.out_dir, exist_ok=True)
+    metrics_path, samples_path = os.path.join(args.out_dir, "metrics.jsonl"), os.path.join(args.out_dir, "samples.jsonl")
+    ckpt = os.path.join(args.out_dir, "checkpoint")
+    start = 0
+    if args.resume and os.path.isdir(ckpt):
+        start, _ = common.load_training_state(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
+        accelerator.print(f"resumed from {ckpt} at step {start}")
+        if is_main:  # drop rows logged after the checkpoint by the interrupted run
+            rows = [r for r in common.read_jsonl(metrics_path) if r["step"] <= start]
+            os.remove(metrics_path)
+            for r in rows:
+                common.append_jsonl(metrics_path, r)
+    elif is_main:
+        for p in (metrics_path, samples_path):
+            if os.path.exists(p):
+                os.remove(p)
+    if is_main:
+        common.append_jsonl(os.path.join(args.out_dir, "config.jsonl"), {"start": start, **asdict(args)})
+
+    bar = tqdm(range(start, args.steps), desc=f"GRPO ({args.reward})", disable=not is_main)
+    for step in bar:
+        if args.stop_after and step == start + args.stop_after:
+            break
+        t0 = time.time()
+        torch.manual_seed(args.seed * 1_000_003 + step * world + rank)  # sampling repeatable across --resume
+        batch_prompts = step_prompts(prompts, step, args.prompts_per_step, args.seed, rank, world)
+        P, G = len(batch_prompts), args.group_size
+
+        # 1. Group sampling: every prompt G times, sampled at temperature T (old policy = current).
+        enc = common.encode_prompts(processor, [p["question"] for p in batch_prompts],
+                                    [p["image"] for p in batch_prompts], system)
+        enc = {k: v.to(accelerator.device) for k, v in enc.items()}
+        group = repeat_for_group(enc, G, vision_start)  # (P*G, Lp)
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.eval()
+        completion, mask, texts = common.generate(unwrapped, processor, group, max_new_tokens=args.max_new_tokens,
+                                                  temperature=args.temperature, top_p=args.top_p)
+        t_gen = time.time() - t0
+
+        # 2. Rewards (Eqs. 4-8): every response against its OWN prompt's gold answer.
+        scored = score_responses(texts, batch_prompts, G, reward_fn)
+        r = torch.tensor([s["total"] for s in scored], dtype=torch.float32).view(P, G)
+        final_acc = torch.tensor([s["final_correct"] for s in scored]).view(P, G).float().mean(1)
+
+        # 3. Group-normalised advantages (Eq. 3) and the accuracy filter.
+        advantages = group_advantages(r)  # (P, G)
+        keep = torch.ones(P, dtype=torch.bool)
+        if args.accuracy_filter:
+            keep = (final_acc >= args.filter_low) & (final_acc <= args.filter_high)
+        if not keep.any():
+            # Every rank must take the same optimizer steps (DDP syncs in backward): train on one
+            # group with zero advantages, i.e. a zero-gradient update.
+            keep[0], advantages[0] = True, 0.0
+        rows = [i * G + g for i in range(P) if keep[i] for g in range(G)]
+        train = select_rows(group, rows, vision_start)
+        comp, cmask = completion[rows], mask[rows].float()
+        adv = advantages.flatten()[rows].to(accelerator.device)
+        t_score = time.time() - t0 - t_gen
+
+        # 4. Old (and reference) log-probs, no gradient.
+        model.train()
+        with torch.no_grad():
+            old_logp = token_logprobs(model, train, comp, args.temperature, args.micro_batch, vision_start)
+            ref_logp = None
+            if args.kl_coef > 0:
+                if ref_model is not None:
+                    ref_logp = token_logprobs(ref_model, train, comp, args.temperature, args.micro_batch, vision_start)
+                else:
+                    with accelerator.unwrap_model(model).disable_adapter():
+                        ref_logp = token_logprobs(model, train, comp, args.temperature, args.micro_batch, vision_start)
+
+        # 5. mu optimizer steps on the clipped surrogate (Eq. 2), gradients accumulated over
+        # micro-batches; the loss of each micro-batch is scaled so the sum is the batch loss.
+        n_tok, B = cmask.sum().clamp(min=1), len(rows)
+        for _ in range(args.mu):
+            stats_sum = {"kl": 0.0, "clip_frac": 0.0, "loss": 0.0}
+            starts = list(range(0, B, args.micro_batch))
+            for s in starts:
+                mb = list(range(s, min(s + args.micro_batch, B)))
+                sync = contextlib.nullcontext() if s == starts[-1] else accelerator.no_sync(model)
+                with sync:
+                    logp = token_logprobs(model, select_rows(train, mb, vision_start), comp[mb], args.temperature,
+                                          args.micro_batch, vision_start)
+                    loss, st = grpo_loss(logp, old_logp[mb], None if ref_logp is None else ref_logp[mb],
+                                         adv[mb], cmask[mb], args)
+                    # Rescale the micro-batch's loss to its share of the whole batch.
+                    share = cmask[mb].sum() / n_tok if args.loss_agg == "token-mean" else len(mb) / B
+                    accelerator.backward(loss * share)
+                for k in st:
+                    stats_sum[k] += st[k] * float(share)
+                stats_sum["loss"] += loss.item() * float(share)
+            grad_norm = accelerator.clip_grad_norm_(params, args.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        # 6. Metrics: one line, one JSONL row (means over all ranks).
+        step_s = time.time() - t0
+        n_tokens = float(mask.sum())
+        row = {"step": step + 1, **{k: sum(s[k] for s in scored) / len(scored) for k in rewards.REWARD_KEYS}}
+        first = torch.tensor([s["first_correct"] for s in scored])
+        final = torch.tensor([s["final_correct"] for s in scored])
+        row.update({
+            "reward": row.pop("total"), "first_accuracy": first.mean().item(), "final_accuracy": final.mean().item(),
+            "wrong_to_right": ((first == 0) & (final == 1)).float().mean().item(),
+            "right_to_wrong": ((first == 1) & (final == 0)).float().mean().item(),
+            "reflection_rate": sum(s["has_reflection"] for s in scored) / len(scored),
+            "response_tokens": mask.sum(1).float().mean().item(),
+            "zero_spread_groups": (r.std(1) < 1e-6).float().mean().item(), "groups_kept": keep.float().mean().item(),
+            **stats_sum, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+            "step_s": step_s, "gen_s": t_gen, "score_s": t_score, "update_s": step_s - t_gen - t_score,
+            "tokens_per_s": n_tokens / step_s,
+        })
+        if world > 1:
+            keys = sorted(k for k in row if k != "step")
+            vals = accelerator.reduce(torch.tensor([row[k] for k in keys], device=accelerator.device), "mean")
+            row.update(dict(zip(keys, vals.tolist())))
+        if is_main:
+            common.append_jsonl(metrics_path, row)
+            bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['final_accuracy']:.2f}")
+            tqdm.write(f"step {step + 1:4d} | reward {row['reward']:.3f} | acc first {row['first_accuracy']:.2f} "
+                       f"final {row['final_accuracy']:.2f} | w->r {row['wrong_to_right']:.2f} r->w {row['right_to_wrong']:.2f} "
+                       f"| refl {row['reflection_rate']:.2f} | len {row['response_tokens']:.0f} | kl {row['kl']:.4f} "
+                       f"| clip {row['clip_frac']:.3f} | {step_s:.1f}s (gen {t_gen:.1f}s)")
+            if args.sample_every and (step + 1) % args.sample_every == 0:
+                for i in range(0, P * G, G):  # the first response of each group
+                    common.append_jsonl(samples_path, {"step": step + 1, "question": batch_prompts[i // G]["question"],
+                                                       "gold": batch_prompts[i // G]["answer"], "response": texts[i],
+                                                       **{k: scored[i][k] for k in rewards.REWARD_KEYS}})
+        if args.save_every and (step + 1) % args.save_every == 0:
+            accelerator.wait_for_everyone()
+            if is_main:
+                common.save_training_state(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, step=step + 1)
+
+    accelerator.wait_for_everyone()
+    if args.stop_after and start + args.stop_after < args.steps:
+        return {}  # interrupted on purpose: the checkpoint is the state to resume from
+    if is_main:
+        common.save_model(accelerator.unwrap_model(model), processor, args.out_dir)
+        rows = common.read_jsonl(metrics_path)
+        common.plot_metrics(rows, ["reward", "final_accuracy", "first_accuracy", "wrong_to_right", "response_tokens"],
+                            os.path.join(args.out_dir, "curves.png"), title=f"GRPO, reward={args.reward}")
+        print(f"saved to {args.out_dir}")
+        return {"metrics": rows}
+    return {}
+
+
+if __name__ == "__main__":
+    main(common.parse_args(Args))

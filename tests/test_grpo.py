@@ -1,0 +1,167 @@
+"""03_grpo.py: the GRPO pieces (advantages, ratio, KL, masks, log-probs) and short real runs."""
+
+import os
+import random
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import common
+import rewards
+import toy
+from conftest import ROOT, load_script
+
+grpo = load_script("03_grpo")
+
+
+def test_group_advantages_mean_zero_unit_spread():
+    r = torch.tensor([[1.6, 0.85, 1.35, 0.85], [1.0, 1.0, 1.0, 1.0], [0.0, 1.5, 0.0, 0.0]])
+    a = grpo.group_advantages(r)
+    assert torch.allclose(a.mean(1), torch.zeros(3), atol=1e-6)
+    assert torch.allclose(a[[0, 2]].std(1), torch.ones(2), atol=1e-3)
+    assert torch.equal(a[1], torch.zeros(4))  # no spread, no signal
+
+
+def test_every_response_scored_against_its_own_prompt():
+    prompts = [{"answer": str(i), "choices": []} for i in range(10)]
+    G = 3
+    fn = lambda text, p: rewards.srpo_reward(text, p["answer"], variant="grpo")  # noqa: E731
+    texts = [f"<think>it is {i // G}</think><answer>{i // G}</answer>" for i in range(len(prompts) * G)]
+    assert all(s["accuracy"] == 1.0 for s in grpo.score_responses(texts, prompts, G, fn))
+    # Shuffle the prompts and their response groups together: still all right.
+    order = list(range(10))
+    random.Random(0).shuffle(order)
+    shuffled_texts = [texts[i * G + g] for i in order for g in range(G)]
+    assert all(s["accuracy"] == 1.0 for s in grpo.score_responses(shuffled_texts, [prompts[i] for i in order], G, fn))
+    # Shuffle only the prompts: responses now meet the wrong gold.
+    assert sum(s["accuracy"] for s in grpo.score_responses(texts, [prompts[i] for i in order], G, fn)) < len(texts)
+
+
+def _rollout(model_dir, G=2, n=3, T=1.0, max_new_tokens=24):
+    model, proc = common.load_policy(model_dir)
+    ds = toy.toy_dataset("test", n)
+    vs = proc.tokenizer.convert_tokens_to_ids("<|vision_start|>")
+    enc = common.encode_prompts(proc, list(ds["question"]), list(ds["image"]), common.SYSTEM_PROMPTS["plain"])
+    group = grpo.repeat_for_group(enc, G, vs)
+    torch.manual_seed(0)
+    model.eval()
+    comp, mask, texts = common.generate(model, proc, group, max_new_tokens=max_new_tokens, temperature=T)
+    return model, proc, enc, group, comp, mask, vs
+
+
+def test_repeat_for_group_repeats_images(tiny_model_dir):
+    proc = common.load_processor(tiny_model_dir)
+    ds = toy.toy_dataset("test", 3)
+    enc = common.encode_prompts(proc, list(ds["question"]), list(ds["image"]), "sys")
+    vs = proc.tokenizer.convert_tokens_to_ids("<|vision_start|>")
+    g = grpo.repeat_for_group(enc, 4, vs)
+    assert g["input_ids"].shape[0] == 12 and g["image_grid_thw"].shape[0] == 12
+    per = enc["image_grid_thw"][0].prod().item()
+    for i in range(12):  # row i's patches are prompt (i // 4)'s patches
+        src = i // 4
+        assert torch.equal(g["pixel_values"][i * per:(i + 1) * per], enc["pixel_values"][src * per:(src + 1) * per])
+    sub = grpo.select_rows(g, [5, 0], vs)
+    assert torch.equal(sub["pixel_values"][:per], enc["pixel_values"][per:2 * per])
+
+
+def test_ratio_is_exactly_one_on_first_iteration_and_kl_zero(base_model_dir):
+    model, proc, enc, group, comp, mask, vs = _rollout(base_model_dir)
+    model.train()
+    with torch.no_grad():
+        old = grpo.token_logprobs(model, group, comp, 1.0, 4, vs)
+    new = grpo.token_logprobs(model, group, comp, 1.0, 4, vs)
+    args = SimpleNamespace(clip_eps=0.2, clip_eps_high=0.0, kl_coef=0.1, loss_agg="token-mean")
+    adv = torch.randn(comp.shape[0])
+    loss, stats = grpo.grpo_loss(new, old, new.detach(), adv, mask.float(), args)
+    assert torch.equal(new.detach(), old)  # ratio exp(0) == 1 exactly
+    assert stats["clip_frac"] == 0.0 and stats["kl"] == 0.0  # policy == reference -> k3 == 0
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_training_logprobs_match_sampling_distribution(base_model_dir):
+    """log_softmax(logits / T) of the training pass == the distribution generate() sampled from."""
+    T = 0.7
+    model, proc = common.load_policy(base_model_dir)
+    ds = toy.toy_dataset("test", 3)
+    vs = proc.tokenizer.convert_tokens_to_ids("<|vision_start|>")
+    enc = common.encode_prompts(proc, list(ds["question"]), list(ds["image"]), common.SYSTEM_PROMPTS["plain"])
+    model.eval()
+    torch.manual_seed(0)
+    out = model.generate(**enc, max_new_tokens=12, do_sample=True, temperature=T, top_k=0, top_p=1.0,
+                         output_scores=True, return_dict_in_generate=True,
+                         eos_token_id=common.eos_token_ids(proc), pad_token_id=proc.tokenizer.pad_token_id)
+    comp = out.sequences[:, enc["input_ids"].shape[1]:]
+    sampled = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], 1)  # processed = logits / T
+    sampled = sampled.gather(-1, comp.unsqueeze(-1)).squeeze(-1)
+    mask = common.completion_mask(comp, common.eos_token_ids(proc)).bool()
+    with torch.no_grad():
+        train = grpo.token_logprobs(model, enc, comp, T, 2, vs)
+    assert torch.allclose(train[mask], sampled[mask], atol=1e-4)
+
+
+def test_completion_mask_stops_at_first_eos_when_pad_is_eos():
+    eos = 2
+    ids = torch.tensor([[5, 6, 2, 2, 2], [2, 2, 2, 2, 2], [5, 5, 5, 5, 5], [7, 2, 9, 2, 2]])
+    m = common.completion_mask(ids, [eos])
+    assert m.tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+
+
+def test_loss_aggregations_differ_as_documented():
+    per_token = torch.tensor([[1.0, 1.0, 0.0], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    assert grpo.aggregate(per_token, mask, "token-mean").item() == pytest.approx(2.0)
+    assert grpo.aggregate(per_token, mask, "seq-mean-token-mean").item() == pytest.approx(2.5)
+    assert grpo.aggregate(per_token, mask, "seq-mean-token-sum-norm").item() == pytest.approx(1.0)
+
+
+def test_clipping_stops_gradient_beyond_the_trust_region():
+    args = SimpleNamespace(clip_eps=0.2, clip_eps_high=0.0, kl_coef=0.0, loss_agg="token-mean")
+    logp = torch.tensor([[0.5]], requires_grad=True)  # ratio e^0.5 = 1.65 > 1.2
+    loss, stats = grpo.grpo_loss(logp, torch.zeros(1, 1), None, torch.tensor([1.0]), torch.ones(1, 1), args)
+    loss.backward()
+    assert logp.grad.item() == 0.0 and stats["clip_frac"] == 1.0
+
+
+@pytest.mark.parametrize("reward", ["grpo", "released", "paper"])
+def test_short_runs_complete(base_model_dir, tmp_path, reward):
+    out = tmp_path / reward
+    res = grpo.main(grpo.Args(model=base_model_dir, out_dir=str(out), reward=reward, steps=2, prompts_per_step=2,
+                              group_size=4, max_new_tokens=24, train_size=20, save_every=1, kl_coef=0.05,
+                              mu=2, sample_every=1))
+    rows = res["metrics"]
+    assert [r["step"] for r in rows] == [1, 2]
+    for key in ("reward", "format", "accuracy", "effectiveness", "final_accuracy", "kl", "clip_frac",
+                "wrong_to_right", "zero_spread_groups", "tokens_per_s", "gen_s"):
+        assert key in rows[0] and rows[0][key] == rows[0][key]  # present and not NaN
+    assert (out / "model.safetensors").exists() and (out / "curves.png").exists() and (out / "samples.jsonl").exists()
+
+
+def test_stop_and_resume_matches_uninterrupted_run(base_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    kw = dict(model=base_model_dir, reward="grpo", prompts_per_step=2, group_size=2, max_new_tokens=16,
+              train_size=20, save_every=1, steps=3, lr=1e-3)
+    grpo.main(grpo.Args(out_dir=str(tmp_path / "a"), **kw))
+    grpo.main(grpo.Args(out_dir=str(tmp_path / "b"), stop_after=2, **kw))  # "killed" after step 2
+    res = grpo.main(grpo.Args(out_dir=str(tmp_path / "b"), resume=True, **kw))
+    assert [r["step"] for r in res["metrics"]] == [1, 2, 3]
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_two_process_accelerate_cpu_run(base_model_dir, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           os.path.join(ROOT, "03_grpo.py"), "--model", base_model_dir, "--out_dir", str(out), "--reward", "grpo",
+           "--steps", "2", "--prompts_per_step", "2", "--group_size", "2", "--max_new_tokens", "16",
+           "--train_size", "20", "--save_every", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(cmd, check=True, cwd=ROOT, env=env, timeout=300)
+    assert len(common.read_jsonl(out / "metrics.jsonl")) == 2 and (out / "model.safetensors").exists()
