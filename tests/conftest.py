@@ -15,6 +15,7 @@ def load_script(name):
     """Import a numbered script (e.g. '03_grpo') as a module; importing does no work beyond definitions."""
     spec = importlib.util.spec_from_file_location(name.replace(".py", ""), os.path.join(ROOT, name if name.endswith(".py") else name + ".py"))
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclass and parse_args look modules up by name
     spec.loader.exec_module(module)
     return module
 
