@@ -57,8 +57,8 @@ class Args:
     """ablation: --no-use_effectiveness drops I_eff"""
     system_prompt: str = "auto"
     """key of common.SYSTEM_PROMPTS; 'auto' = 'plain' for the grpo reward, else 'reflect'"""
-    steps: int = 60
-    """optimizer rollouts (paper: 500)"""
+    steps: int = 40
+    """rollout steps (paper: 500)"""
     prompts_per_step: int = 8
     """prompts per rollout per process (paper: 128 over 8 GPUs)"""
     group_size: int = 8
@@ -250,7 +250,8 @@ def step_prompts(prompts, step, n, seed, rank, world):
 def main(args: Args):
     from accelerate import Accelerator
 
-    accelerator = Accelerator()
+    # No GPU: gloo on the CPU (`accelerate launch --multi_gpu --num_processes 2` runs 2 CPU processes).
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     common.seed_everything(args.seed + rank)
     system = common.SYSTEM_PROMPTS[args.system_prompt if args.system_prompt != "auto"
@@ -294,6 +295,8 @@ def main(args: Args):
                 os.remove(p)
     if is_main:
         common.append_jsonl(os.path.join(args.out_dir, "config.jsonl"), {"start": start, **asdict(args)})
+    accelerator.print(f"GRPO on {accelerator.device}, processes: {world}, {len(prompts)} prompts, "
+                      f"{args.prompts_per_step} x {args.group_size} samples per process per step")
 
     bar = tqdm(range(start, args.steps), desc=f"GRPO ({args.reward})", disable=not is_main)
     for step in bar:

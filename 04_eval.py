@@ -803,7 +803,7 @@ def _write_error(out_path, item, message):
         "reflection_tokens": 0, "error": message})
 
 
-def make_generator(model_path, args, max_new_tokens):
+def make_generator(model_path, args, max_new_tokens, prompt):
     """Load the model; return generate(questions, images) -> responses, greedy, in the chosen format."""
     if not os.path.exists(model_path) and (model_path.startswith((".", "/", "runs")) or model_path.count("/") != 1):
         raise SystemExit(f"no model at {model_path}: train it first (see the README / Makefile) or pass --model")
@@ -812,7 +812,7 @@ def make_generator(model_path, args, max_new_tokens):
 
     def generate(questions, images):
         return common.generate_responses(model, processor, questions, images,
-                                         system_prompt=common.SYSTEM_PROMPTS[args.prompt],
+                                         system_prompt=common.SYSTEM_PROMPTS[prompt],
                                          max_new_tokens=max_new_tokens, temperature=0.0,
                                          batch_size=len(questions), desc="generate")
 
@@ -910,7 +910,14 @@ def write_comparison(summaries, out_dir, title):
     markdown = "\n".join(lines) + "\n"
     os.makedirs(out_dir, exist_ok=True)
     Path(out_dir, "comparison.md").write_text(markdown)
-    Path(out_dir, "comparison.json").write_text(json.dumps(summaries, indent=2))
+    # Headline fractions in [0, 1] first, then the full summary (percentages) of each model.
+    frac = lambda x: None if x is None else round(x / 100, 4)  # noqa: E731
+    headline = {name: {"final_accuracy": frac(s["overall"]["final_acc"]), "first_accuracy": frac(s["overall"]["first_acc"]),
+                       "wrong_to_right": frac(s["reflection"]["wrong_to_right"]),
+                       "right_to_wrong": frac(s["reflection"]["right_to_wrong"]),
+                       "reflection_rate": frac(s["reflection"]["reflection_rate"]), **s}
+                for name, s in summaries.items()}
+    Path(out_dir, "comparison.json").write_text(json.dumps(headline, indent=2))
     _bar_chart(summaries, categories, os.path.join(out_dir, "comparison.png"), title)
     return markdown
 
@@ -941,12 +948,19 @@ def _bar_chart(summaries, categories, path, title):
 # ----------------------------------------------------------------------------------------------
 
 
-def parse_models(spec):
-    """'base=runs/toy/base,srpo=runs/toy/srpo' -> {"base": ..., "srpo": ...}; a bare path is named by its folder."""
+def parse_models(spec, default_prompt="reflect"):
+    """'base=runs/toy/base@plain,srpo=runs/toy/srpo' -> {"base": (path, "plain"), "srpo": (path, default)}.
+
+    A bare path is named by its folder; `@prompt` picks the model's own prompt format (a model
+    trained on plain chain of thought is evaluated in that format, as the paper evaluates its baselines).
+    """
     models = {}
     for part in (p.strip() for p in spec.split(",") if p.strip()):
         name, _, path = part.rpartition("=") if "=" in part else ("", "", part)
-        models[name or Path(path.rstrip("/")).name] = path
+        path, _, prompt = path.partition("@")
+        if (prompt or default_prompt) not in common.SYSTEM_PROMPTS:
+            raise SystemExit(f"unknown prompt {prompt!r} in --models {part!r}; choose from {list(common.SYSTEM_PROMPTS)}")
+        models[name or Path(path.rstrip("/")).name] = (path, prompt or default_prompt)
     return models
 
 
@@ -964,23 +978,23 @@ def main(args):
     split = args.split or DEFAULT_SPLITS[args.benchmark]
     max_new_tokens = args.max_new_tokens or (128 if args.benchmark == "toy" else 4096)
     items = load_items(args.benchmark, split, args.data_dir, args.limit)
-    models = parse_models(args.models) if args.models else parse_models(args.model)
+    models = parse_models(args.models or args.model, args.prompt)
     extract = make_judge(args.judge_base_url, args.judge_model, args.judge_api_key_env) if args.judge_base_url else None
     run_name = f"{args.benchmark}-{re.sub(r'[^A-Za-z0-9.-]+', '_', split).strip('_')}"
     run_dir = os.path.join(args.out_dir, run_name)
     print(f"[eval] {run_name}: {len(items)} items, models {list(models)}, prompt {args.prompt!r}, "
           f"max_new_tokens {max_new_tokens}, scoring {'judge ' + args.judge_model if extract else 'rule-based'}")
     summaries = {}
-    for name, path in models.items():
-        model_dir = os.path.join(run_dir, name if args.prompt == "reflect" else f"{name}-{args.prompt}")
-        _check_run(model_dir, {"model": path, "prompt": args.prompt, "max_new_tokens": max_new_tokens,
+    for name, (path, prompt) in models.items():
+        model_dir = os.path.join(run_dir, name if prompt == "reflect" else f"{name}-{prompt}")
+        _check_run(model_dir, {"model": path, "prompt": prompt, "max_new_tokens": max_new_tokens,
                                "judge": args.judge_model if extract else None})
         out_path = os.path.join(model_dir, "items.jsonl")
         # the model is loaded only when there is work: a finished run just re-summarises its rows
-        generate = make_generator(path, args, max_new_tokens) if pending(items, out_path) else None
+        generate = make_generator(path, args, max_new_tokens, prompt) if pending(items, out_path) else None
         rows = evaluate(items, generate, out_path, benchmark=args.benchmark, batch_size=args.batch_size,
                         extract=extract)
-        summary = {**summarize(rows, args.benchmark), "model": path, "split": split, "prompt": args.prompt,
+        summary = {**summarize(rows, args.benchmark), "model": path, "split": split, "prompt": prompt,
                    "max_new_tokens": max_new_tokens, "args": asdict(args)}  # the key's variable name, not the key
         markdown = summary_markdown(summary, f"{run_name} · {name}")
         Path(model_dir, "summary.json").write_text(json.dumps(summary, indent=2))

@@ -2,7 +2,7 @@
 
 Nothing can be downloaded on a classroom laptop or in CI, so every script's defaults run on this:
 
-* `make_problem(seed)`  - a deterministic visual math problem: an 84x84 RGB image of coloured dots
+* `make_problem(seed)`  - a deterministic visual math problem: a 112x112 RGB image of coloured dots
   (or a 3-bar chart), a question, a gold answer, options for multiple choice, and a structured
   solution (the counts read off the image + the arithmetic on them).
 * `toy_dataset(split, n)` - a `datasets.Dataset` of such problems; train and test never share a seed.
@@ -26,11 +26,12 @@ import re
 import numpy as np
 from PIL import Image, ImageDraw
 
-IMAGE_SIZE = 84  # 84 = 3 x 28: a 6x6 grid of 14-px patches, 9 image tokens after the 2x2 merge
+IMAGE_SIZE = 112  # 4 x 28: an 8x8 grid of 14-px patches, 16 image tokens after the 2x2 merge
+CELL = 28  # one image token covers a 28x28 cell; a dot or a bar block fills one cell
 COLOURS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220)}
 FAMILIES = ("count", "add", "subtract", "compare", "bar")
 TEST_SEED_OFFSET = 10_000_000  # test seeds start here; train seeds are 0..TEST_SEED_OFFSET-1
-DOT_RADIUS = 6
+DOT_RADIUS = 9
 MAX_PER_COLOUR = 4
 
 
@@ -39,26 +40,30 @@ MAX_PER_COLOUR = 4
 
 
 def _draw_dots(rng, counts):
-    """Dots on a jittered 4x4 grid (21-px cells), so dots never touch and each is one blob."""
+    """Dots in distinct cells of the 4x4 grid, jittered, so dots never touch and each is one blob.
+
+    Why cells of 28 px: each cell is exactly one image token of Qwen2.5-VL (14-px patches, 2x2
+    merge), which makes reading the image learnable for a ~1M-parameter model in minutes.
+    """
     img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (255, 255, 255))
     draw = ImageDraw.Draw(img)
     cells = rng.sample(range(16), sum(counts.values()))
     colours = [c for c, n in counts.items() for _ in range(n)]
     for cell, colour in zip(cells, colours):
-        cx = (cell % 4) * 21 + 10 + rng.randint(-3, 3)
-        cy = (cell // 4) * 21 + 10 + rng.randint(-3, 3)
+        cx = (cell % 4) * CELL + CELL // 2 + rng.randint(-3, 3)
+        cy = (cell // 4) * CELL + CELL // 2 + rng.randint(-3, 3)
         r = DOT_RADIUS
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=COLOURS[colour])
     return img
 
 
 def _draw_bars(heights):
-    """Three bars (red, green, blue) of `heights` units; one unit is 12 px."""
+    """Three bars (red, green, blue, in the first three columns) of `heights` cells each."""
     img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (255, 255, 255))
     draw = ImageDraw.Draw(img)
     for i, (colour, h) in enumerate(heights.items()):
-        x0 = 6 + i * 26
-        draw.rectangle([x0, IMAGE_SIZE - 6 - 12 * h, x0 + 20, IMAGE_SIZE - 6], fill=COLOURS[colour])
+        x0 = i * CELL + 4
+        draw.rectangle([x0, IMAGE_SIZE - CELL * h, x0 + CELL - 9, IMAGE_SIZE - 1], fill=COLOURS[colour])
     return img
 
 
@@ -67,14 +72,14 @@ def make_problem(seed: int) -> dict:
 
     Returns a dict with `id`, `family`, `question`, `answer` (str), `choices` (list of option
     texts, empty for free-form answers), `solution` (JSON: the values read off the image and the
-    operation) and `image` (PIL RGB, 84x84).
+    operation) and `image` (PIL RGB, 112x112).
     """
     rng = random.Random(seed)
     family = FAMILIES[rng.randrange(len(FAMILIES))]
     c1, c2 = rng.sample(list(COLOURS), 2)
     choices = []
     if family == "bar":
-        heights = dict(zip(COLOURS, rng.sample(range(1, 6), 3)))
+        heights = dict(zip(COLOURS, rng.sample(range(1, 5), 3)))
         tallest = max(heights, key=heights.get)
         choices = list(COLOURS)
         question = "Which bar is the tallest? Choices: A. red B. green C. blue"
@@ -167,13 +172,14 @@ def oracle_reflection(problem: dict, policy_cot: str, policy_correct: bool) -> s
     truth = [tuple(r) for r in sol["reads"]]
     seen = dict((c, int(v)) for c, v in _READ_RE.findall(policy_cot or ""))
     fix = solution_text(truth, sol["op"])
-    if policy_correct:
-        return f"The reading is right and the steps are short enough: {fix}"
-    for colour, value in truth:
+    for colour, value in truth:  # the first wrong step: a value never read, or misread
         if colour not in seen:
             return f"The {colour} value was never read off the image. Reading again: {fix}"
         if seen[colour] != value:
-            return f"The {colour} value is wrong: it is {value}, not {seen[colour]}. Reading again: {fix}"
+            lead = "The answer is right by luck, but the" if policy_correct else "The"
+            return f"{lead} {colour} value is wrong: it is {value}, not {seen[colour]}. Reading again: {fix}"
+    if policy_correct:
+        return f"The reading is right and the steps are short enough: {fix}"
     return f"The values are read right but the last step is wrong. Redo it: {fix}"
 
 
@@ -291,7 +297,7 @@ class ToyProcessor:
     def build(cls, tokenizer):
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-        # min/max pixels keep an 84x84 image at 84x84: 36 patches -> 9 image tokens.
+        # min/max pixels keep a 112x112 image at 112x112: 64 patches -> 16 image tokens.
         ip = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=IMAGE_SIZE * IMAGE_SIZE)
         return cls(tokenizer, ip)
 

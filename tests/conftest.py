@@ -5,10 +5,14 @@ import os
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
 sys.path.insert(0, ROOT)
+# Tiny models gain nothing from a second thread, and subprocess tests would fight over the 2 cores.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def load_script(name):
@@ -40,5 +44,5 @@ def base_model_dir(tmp_path_factory):
     """A briefly trained toy base model (00_base_model.py at a tiny budget): answers in format."""
     mod = load_script("00_base_model")
     out = tmp_path_factory.mktemp("base") / "base"
-    mod.main(mod.Args(out_dir=str(out), steps=60, train_size=500, eval_size=20, hidden=64, layers=2))
+    mod.main(mod.Args(out_dir=str(out), steps=80, batch_size=16, lr=3e-3, train_size=800, eval_size=20, hidden=64, layers=2))
     return str(out)

@@ -157,11 +157,12 @@ def test_stop_and_resume_matches_uninterrupted_run(base_model_dir, tmp_path):
 
 def test_two_process_accelerate_cpu_run(base_model_dir, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            os.path.join(ROOT, "03_grpo.py"), "--model", base_model_dir, "--out_dir", str(out), "--reward", "grpo",
            "--steps", "2", "--prompts_per_step", "2", "--group_size", "2", "--max_new_tokens", "16",
            "--train_size", "20", "--save_every", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(cmd, check=True, cwd=ROOT, env=env, timeout=300)
+    log = subprocess.run(cmd, check=True, cwd=ROOT, env=env, timeout=300, capture_output=True, text=True)
+    assert "processes: 2" in log.stdout + log.stderr  # really two ranks, not a silent single process
     assert len(common.read_jsonl(out / "metrics.jsonl")) == 2 and (out / "model.safetensors").exists()

@@ -102,9 +102,9 @@ def test_bar_images_agree_with_solution_and_answer(problems):
     assert len(bars) > 20
     for p in bars:
         measured = _bar_heights_px(p["image"])
-        # One unit is 12 px; the rectangle is drawn inclusive of both ends (+1 px).
+        # One unit is one 28-px cell (one image token), drawn up from the bottom edge.
         for colour, units in _reads(p):
-            assert measured[colour][0] == 12 * units + 1, (p["id"], colour, measured)
+            assert measured[colour][0] == toy.CELL * units, (p["id"], colour, measured)
         # Bars stand left to right in the order of the options A, B, C; the answer is the tallest one.
         left_to_right = sorted(COLOURS, key=lambda c: measured[c][1])
         assert left_to_right == p["choices"] == ["red", "green", "blue"]

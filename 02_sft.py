@@ -1,0 +1,514 @@
+"""Stage 1b: reflection SFT (PAPER.md "Stage 1b"; SRPO paper Sec. 3.1, Eq. 1).
+
+Before RL, the policy learns the reflective format and habit by plain supervised fine-tuning on
+the reflection set that 01_reflect_data.py wrote. Each row is one conversation: the reflective
+system prompt, the user turn (image + question) and the assistant target
+
+    <think>{policy CoT}</think>\\n<answer>{policy answer}</answer>\\n<reflection>{teacher reflection}</reflection>\\n<answer>{gold}</answer>
+
+The loss is next-token cross-entropy on the assistant target only (Eq. 1): system, user, image and
+padding tokens are masked out (`common.encode_sft`). Like the authors: the vision tower and the
+projector stay frozen, AdamW with a cosine schedule and 10% warm-up, gradient clipping 1.0,
+gradient accumulation, 1 epoch (the paper; the released config says 3: `--epochs 3`).
+
+Reads   --data  runs/toy/reflect/sft_reflect.jsonl (image paths relative to its folder)
+        --model runs/toy/base (a local directory or hub id; a LoRA output directory works too)
+Writes  --out_dir runs/toy/sft/
+        the model (safetensors + processor; LoRA: the adapter, and `merged/` with --merge_lora),
+        metrics.jsonl (one row per optimizer step), loss.png, sft_summary.json (run facts and the
+        before/after check on toy test problems), eval_samples.jsonl (what the policy answers),
+        checkpoint/ (every --save_every steps: weights, optimizer, scheduler, RNG, data position).
+
+Toy (2 CPU cores; about 2-3 minutes, half of it the before/after check):
+    python 02_sft.py                                   # reflection SFT -> runs/toy/sft
+    python 02_sft.py --data runs/toy/reflect/sft_cot.jsonl --out_dir runs/toy/sft_cot
+                                                       # the paper's "plain-CoT SFT" ablation
+    python 02_sft.py --lora_r 8 --lr 5e-3 --out_dir runs/toy/sft_lora    # LoRA (peft)
+    python 02_sft.py --load_in_4bit --lr 5e-3 --out_dir runs/toy/sft_qlora  # QLoRA: nf4 base + LoRA
+    python 02_sft.py --resume                          # continue from runs/toy/sft/checkpoint
+    accelerate launch --multi_gpu --num_processes 2 02_sft.py --cpu   # 2 CPU processes (gloo)
+    (accelerate's own `--cpu` starts ONE process unless given an MPI hostfile; the script's
+    --cpu is what selects gloo, so `torchrun --nproc_per_node 2 02_sft.py --cpu` works too.)
+
+Real scale (the paper: Qwen2.5-VL-7B-Instruct, 10K rows, lr 1e-5, 8 GPUs x 1 example x 2
+accumulation = 16 per step, bf16, DeepSpeed ZeRO-3, 4096 tokens, images <= 262,144 pixels,
+3.5 h on 8 H100). The configs/*.yaml files are documented accelerate configs:
+    accelerate launch --config_file configs/zero3.yaml 02_sft.py \\
+        --model Qwen/Qwen2.5-VL-7B-Instruct --data runs/real/reflect/sft_reflect.jsonl \\
+        --out_dir runs/real/sft --lr 1e-5 --batch_size 16 --grad_accum 2 --epochs 1 \\
+        --gradient_checkpointing --save_every 200 --eval_size 0
+    # 2 nodes x 8 GPUs: run on every node (same batch_size = 16 x 2 nodes / 2 = keep 16 per
+    # step by halving --grad_accum to 1, or double --batch_size to 32):
+    accelerate launch --config_file configs/zero3.yaml --num_machines 2 --num_processes 16 \\
+        --machine_rank $NODE_RANK --main_process_ip $MASTER_ADDR --main_process_port 29500 \\
+        02_sft.py --model Qwen/Qwen2.5-VL-7B-Instruct --batch_size 16 --grad_accum 1 --lr 1e-5 ...
+    # ZeRO-2 (fits 7B on 8 x 80 GB with gradient checkpointing): configs/zero2.yaml; FSDP:
+    # configs/fsdp.yaml; LoRA on several GPUs with plain DDP: configs/ddp.yaml --lora_r 64 --lr 1e-4
+    # One GPU (QLoRA, ~20 GB for 7B):
+    python 02_sft.py --model Qwen/Qwen2.5-VL-7B-Instruct --load_in_4bit --lora_r 64 --lr 1e-4 \\
+        --batch_size 16 --grad_accum 16 --gradient_checkpointing --eval_size 0 ...
+
+Batch arithmetic: --batch_size is the effective batch (examples per optimizer step over all
+processes); each process runs --grad_accum micro-batches of batch_size / (processes x grad_accum)
+examples. Which examples make up step s is a function of (seed, epoch, s) only, so a resumed run,
+or one with a different number of processes, sees the same batches in the same order.
+
+Loss normalisation (our choice, stated): the token mean over ALL target tokens of the effective
+batch (every micro-batch on every process), as the authors' LLaMA-Factory/transformers setup
+computes it with `num_items_in_batch`. A per-micro-batch mean would weigh a token of a short
+response more than one of a long response and would change with the process count.
+"""
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+import common
+import rewards
+
+
+@dataclass
+class Args:
+    """Reflection SFT (Stage 1b): next-token loss on the assistant target of the reflection set."""
+
+    data: str = "runs/toy/reflect/sft_reflect.jsonl"
+    """SFT JSONL from 01 (sft_reflect.jsonl; sft_cot.jsonl for the plain-CoT ablation)"""
+    model: str = "runs/toy/base"
+    """policy to fine-tune: local directory or hub id (e.g. Qwen/Qwen2.5-VL-7B-Instruct)"""
+    out_dir: str = "runs/toy/sft"
+    """where the model, metrics.jsonl, loss.png and checkpoint/ go"""
+    seed: int = 0
+    """random seed (data order, LoRA init, dropout)"""
+    epochs: int = 1
+    """passes over the data (paper: 1; the authors' released config: 3)"""
+    max_steps: int = 0
+    """optimizer steps; 0 = epochs x steps per epoch. Sets the schedule's length"""
+    batch_size: int = 16
+    """effective batch: examples per optimizer step over all processes (paper: 8 GPUs x 1 x 2 = 16)"""
+    grad_accum: int = 1
+    """micro-batches per process per optimizer step (paper: 2)"""
+    lr: float = 2e-3
+    """peak AdamW learning rate (paper, 7B full fine-tuning: 1e-5; the ~1M-parameter toy needs ~1e-3)"""
+    warmup_ratio: float = 0.1
+    """share of the steps spent on linear warm-up before the cosine decay (paper: 0.1)"""
+    min_lr_ratio: float = 0.0
+    """the cosine decays to this fraction of lr"""
+    weight_decay: float = 0.0
+    """AdamW weight decay (LLaMA-Factory's default: 0)"""
+    max_grad_norm: float = 1.0
+    """gradient clipping by global norm"""
+    max_len: int = 4096
+    """cut-off in tokens; longer sequences lose the end of their target (paper: 4096)"""
+    max_pixels: int = 262144
+    """images with more pixels are downscaled first, keeping the aspect ratio (paper: 262,144)"""
+    lora_r: int = 0
+    """LoRA rank on the language model's linear layers; 0 = full fine-tuning"""
+    lora_alpha: int = 0
+    """LoRA alpha; 0 = 2 x lora_r"""
+    load_in_4bit: bool = False
+    """QLoRA: frozen nf4 base weights (bitsandbytes), bf16 compute on GPU; implies LoRA (r 16 unless set)"""
+    merge_lora: bool = False
+    """LoRA: also save a merged full model under out_dir/merged"""
+    freeze_vision: bool = True
+    """keep the vision tower and projector frozen (paper)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass: less memory, ~30% slower"""
+    cpu: bool = False
+    """train on the CPU even if a GPU is present (with several processes: gloo)"""
+    save_every: int = 50
+    """write out_dir/checkpoint every this many optimizer steps; 0 = never"""
+    resume: bool = False
+    """continue from out_dir/checkpoint if it exists"""
+    stop_at_step: int = 0
+    """stop after this optimizer step as if killed, saving nothing (tests --resume); 0 = off"""
+    eval_size: int = 200
+    """toy test problems answered before and after training (greedy, reflective prompt); 0 = skip"""
+    eval_max_new_tokens: int = 128
+    """token budget of each answer in that check"""
+    eval_batch_size: int = 64
+    """prompts per generation batch in that check"""
+    threads: int = 0
+    """torch CPU threads per process (0 = torch's default)"""
+
+
+REQUIRED_FIELDS = ("id", "question", "image", "response", "prompt_style")
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: the SFT JSONL, validated up front, images read per micro-batch
+
+
+def load_sft_data(path):
+    """The SFT rows as a `datasets.Dataset`, every row checked; errors name file, row id and field."""
+    import datasets
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such SFT file (write it with 01_reflect_data.py)")
+    ds = datasets.load_dataset("json", data_files=path, split="train")
+    missing = [f for f in REQUIRED_FIELDS if f not in ds.column_names]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; an SFT row needs {list(REQUIRED_FIELDS)}")
+    root = os.path.dirname(os.path.abspath(path))
+    for i, row in enumerate(ds.select_columns(list(REQUIRED_FIELDS))):
+        where = f"{path}: row {i} (id {row['id']!r})"
+        for field in ("id", "question", "response"):
+            if not isinstance(row[field], str) or not row[field].strip():
+                raise ValueError(f"{where}: field {field!r} must be a non-empty string, got {row[field]!r}")
+        if row["prompt_style"] not in common.SYSTEM_PROMPTS:
+            raise ValueError(f"{where}: field 'prompt_style' is {row['prompt_style']!r}, "
+                             f"expected one of {list(common.SYSTEM_PROMPTS)}")
+        if row["image"] is not None and not os.path.isfile(os.path.join(root, row["image"])):
+            raise FileNotFoundError(f"{where}: field 'image': {os.path.join(root, row['image'])} not found")
+    return ds
+
+
+def load_image(root, rel_path, max_pixels, where):
+    """RGB image from a path relative to the JSONL's folder, downscaled to at most max_pixels."""
+    if rel_path is None:
+        return None
+    path = os.path.join(root, rel_path)
+    try:
+        image = Image.open(path).convert("RGB")
+    except OSError as e:
+        raise ValueError(f"{where}: field 'image': cannot read {path} ({e})") from e
+    w, h = image.size
+    if max_pixels and w * h > max_pixels:
+        scale = math.sqrt(max_pixels / (w * h))
+        image = image.resize((max(28, int(w * scale)), max(28, int(h * scale))), Image.BICUBIC)
+    return image
+
+
+def encode_rows(processor, rows, *, root, data_path="", max_pixels=0, max_len=0):
+    """A right-padded training batch with Eq. (1) labels for a list of SFT rows.
+
+    Rows are grouped by `prompt_style` (each style has its own system prompt) and the groups'
+    tensors concatenated. Returns input_ids, attention_mask, labels (B, T), mm_token_type_ids (B, T),
+    pixel_values (patches, C) and image_grid_thw (images, 3) when any row has an image.
+    """
+    groups = {}
+    for row in rows:
+        groups.setdefault(row["prompt_style"], []).append(row)
+    parts = []
+    for style, group in groups.items():
+        images = [load_image(root, r["image"], max_pixels, f"{data_path}: row id {r['id']!r}") for r in group]
+        parts.append(common.encode_sft(processor, [r["question"] for r in group], images,
+                                       [r["response"] for r in group], common.SYSTEM_PROMPTS[style]))
+    batch = parts[0] if len(parts) == 1 else concat_batches(parts, processor.tokenizer.pad_token_id)
+    if max_len and batch["input_ids"].shape[1] > max_len:  # cut the end (the target's tail), never the image
+        n_image = (batch["input_ids"] == processor.image_token_id).sum()
+        T = batch["input_ids"].shape[1]
+        batch = {k: v[:, :max_len] if v.dim() == 2 and v.shape[1] == T and k not in ("pixel_values", "image_grid_thw")
+                 else v for k, v in batch.items()}
+        if (batch["input_ids"] == processor.image_token_id).sum() != n_image:
+            raise ValueError(f"{data_path}: a prompt is longer than --max_len {max_len} tokens with its image; "
+                             "raise --max_len or lower --max_pixels")
+    return dict(batch)
+
+
+def concat_batches(parts, pad_id):
+    """Stack encoded batches of different lengths: right-pad token tensors, concatenate images."""
+    T = max(p["input_ids"].shape[1] for p in parts)
+    fill = {"input_ids": pad_id, "attention_mask": 0, "labels": -100, "mm_token_type_ids": 0}
+    out = {k: torch.cat([F.pad(p[k], (0, T - p[k].shape[1]), value=v) for p in parts]) for k, v in fill.items()
+           if k in parts[0]}
+    for k in ("pixel_values", "image_grid_thw"):
+        if any(k in p for p in parts):
+            out[k] = torch.cat([p[k] for p in parts if k in p])
+    return out
+
+
+def epoch_order(n, seed, epoch):
+    """The data order of one epoch: a permutation fixed by (seed, epoch), so resuming can skip ahead."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# The loss
+
+
+def target_ce_sum(model, batch):
+    """Eq. (1): summed next-token cross-entropy over the target tokens. Returns (loss sum, tokens)."""
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False).logits  # (B, T, V)
+    logits, targets = logits[:, :-1].float(), labels[:, 1:]  # position t predicts token t + 1
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                         reduction="sum")  # Eq. (1), masked tokens (-100) contribute nothing
+    return ce, int((targets != -100).sum())
+
+
+# ----------------------------------------------------------------------------------------------
+# Before/after check on toy test problems
+
+
+def evaluate_toy(model, processor, *, n, style, max_new_tokens, batch_size, desc):
+    """Greedy answers to n toy test problems: share well-formed, first and final answer accuracy."""
+    import toy
+
+    test = toy.toy_dataset("test", n)
+    texts = common.generate_responses(model, processor, test["question"], test["image"],
+                                      system_prompt=common.SYSTEM_PROMPTS[style], max_new_tokens=max_new_tokens,
+                                      batch_size=batch_size, desc=desc)
+    # Well-formed = the layout the data teaches: the reflective layout (paper R_format) or plain CoT.
+    variant = "paper" if style == "reflect" else "grpo"
+    scores = [rewards.srpo_reward(t, row["answer"], variant=variant, choices=row["choices"] or None)
+              for t, row in zip(texts, test)]
+    result = {"n": n, "well_formed": sum(s["format"] > 0 for s in scores) / n,
+              "has_reflection": sum(s["has_reflection"] for s in scores) / n,
+              "first_correct": sum(s["first_correct"] for s in scores) / n,
+              "final_correct": sum(s["final_correct"] for s in scores) / n}
+    samples = [{"id": row["id"], "answer": row["answer"], "response": t, **{k: s[k] for k in
+               ("format", "first_correct", "final_correct")}} for t, row, s in zip(texts, test, scores)]
+    return result, samples
+
+
+def eval_line(name, r):
+    return (f"{name}: well-formed {r['well_formed']:.0%}, reflection {r['has_reflection']:.0%}, "
+            f"first answer right {r['first_correct']:.0%}, final answer right {r['final_correct']:.0%} (n={r['n']})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints and the final save (sharded modes, ZeRO-3 and FSDP, go through accelerate)
+
+
+def save_checkpoint(accelerator, path, *, model, optimizer, scheduler, step, extra, sharded):
+    tmp = path + ".tmp"
+    if sharded:  # every process holds a shard: accelerate gathers/writes them
+        accelerator.save_state(tmp)
+        if accelerator.is_main_process:
+            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+                json.dump({"step": step, "extra": extra}, f)
+    elif accelerator.is_main_process:  # DDP/single: every process holds the same weights, write once
+        common.save_training_state(tmp, model=model, optimizer=optimizer, scheduler=scheduler, step=step, extra=extra)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:  # swap in the new checkpoint only once it is complete
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(accelerator, path, *, model, optimizer, scheduler, sharded):
+    if sharded:
+        accelerator.load_state(path)
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            state = json.load(f)
+        return state["step"], state["extra"]
+    return common.load_training_state(path, model=model, optimizer=optimizer, scheduler=scheduler)
+
+
+def trainable_digest(model):
+    """sha256 of the trainable weights: processes of a data-parallel run must agree bit for bit."""
+    h = hashlib.sha256()
+    for name, p in sorted(common.unwrap(model).named_parameters()):
+        if p.requires_grad:
+            h.update(name.encode() + p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(args: Args):
+    from accelerate import Accelerator, DistributedType
+    from accelerate.utils import DistributedDataParallelKwargs, gather_object, parse_flag_from_env
+
+    on_gpu = torch.cuda.is_available() and not (args.cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))
+    bf16 = on_gpu and torch.cuda.is_bf16_supported()
+    accelerator = Accelerator(
+        cpu=not on_gpu, gradient_accumulation_steps=args.grad_accum,
+        mixed_precision="bf16" if bf16 else "fp16" if on_gpu else "no",  # bf16 on GPU, fp32 on CPU
+        # an unfrozen vision tower gets no gradient from text-only batches: let DDP allow that
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=not args.freeze_vision)])
+    if accelerator.gradient_accumulation_steps != args.grad_accum:  # e.g. set in an accelerate config
+        raise ValueError(f"accelerate is set to {accelerator.gradient_accumulation_steps} accumulation steps but "
+                         f"--grad_accum is {args.grad_accum}; set it with --grad_accum only")
+    sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    world, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    log = accelerator.print
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    common.seed_everything(args.seed)
+    if args.batch_size % (world * args.grad_accum):
+        raise ValueError(f"--batch_size {args.batch_size} must be a multiple of processes ({world}) x "
+                         f"--grad_accum ({args.grad_accum})")
+    micro = args.batch_size // (world * args.grad_accum)
+    t_start = time.time()
+
+    # ---- data
+    ds = load_sft_data(args.data)
+    root = os.path.dirname(os.path.abspath(args.data))
+    steps_per_epoch = len(ds) // args.batch_size  # the last partial batch of each epoch is dropped
+    if steps_per_epoch == 0:
+        raise ValueError(f"{args.data}: {len(ds)} rows is fewer than one batch of {args.batch_size}")
+    total_steps = args.max_steps or args.epochs * steps_per_epoch
+    style = Counter(ds["prompt_style"]).most_common(1)[0][0]
+    log(f"{args.data}: {len(ds)} rows ({dict(Counter(ds['prompt_style']))}), {steps_per_epoch} steps per epoch, "
+        f"{total_steps} steps of {args.batch_size} = {world} process(es) x {args.grad_accum} x {micro}")
+
+    # ---- model: full fine-tuning in fp32 master weights (bf16 autocast on GPU); frozen bases in bf16
+    base, adapter = common.resolve_model(args.model)
+    dtype = "float32"
+    if on_gpu and (args.lora_r or args.load_in_4bit or accelerator.distributed_type == DistributedType.DEEPSPEED):
+        # LoRA: the base is frozen (peft keeps adapters in fp32); DeepSpeed keeps its own fp32 masters
+        dtype = "bfloat16" if bf16 else "float16"
+    model, processor = common.load_policy(
+        base, dtype=dtype, load_in_4bit=args.load_in_4bit, lora_r=args.lora_r, lora_alpha=args.lora_alpha or None,
+        freeze_vision=args.freeze_vision, gradient_checkpointing=args.gradient_checkpointing,
+        device=str(accelerator.device), adapter_path=adapter)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_train, n_all = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
+    if not n_train:
+        raise ValueError(f"{args.model}: nothing to train (a LoRA adapter as --model needs --lora_r > 0)")
+    log(f"{args.model}: {n_train / 1e6:.2f}M of {n_all / 1e6:.2f}M parameters trainable "
+        f"({'QLoRA nf4' if args.load_in_4bit else f'LoRA r={args.lora_r}' if args.lora_r else 'full fine-tuning'}"
+        f", vision {'frozen' if args.freeze_vision else 'trained'}, {dtype} weights, "
+        f"{accelerator.mixed_precision} autocast, {accelerator.distributed_type.value} x {world})")
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    do_eval = args.eval_size > 0 and common.is_toy_dir(base) and not sharded
+    summary = {"args": asdict(args), "rows": len(ds), "steps": total_steps, "trainable_parameters": n_train}
+    ckpt_dir = os.path.join(args.out_dir, "checkpoint")
+    resuming = args.resume and os.path.isdir(ckpt_dir)
+    if do_eval and is_main and not resuming:  # how the starting policy answers, for the before/after line
+        summary["before"], samples = evaluate_toy(model, processor, n=args.eval_size, style=style, desc="eval before",
+                                                  max_new_tokens=args.eval_max_new_tokens,
+                                                  batch_size=args.eval_batch_size)
+        log(eval_line("before SFT", summary["before"]))
+        with open(os.path.join(args.out_dir, "eval_samples.jsonl"), "w") as f:
+            f.writelines(json.dumps({"when": "before", **s}) + "\n" for s in samples)
+    accelerator.wait_for_everyone()
+
+    # ---- optimizer, schedule, distribution
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = common.cosine_schedule(optimizer, math.ceil(args.warmup_ratio * total_steps), total_steps,
+                                       min_ratio=args.min_lr_ratio)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if sharded:
+        accelerator.register_for_checkpointing(scheduler)  # stepped by us once per optimizer step
+
+    # ---- resume: weights, optimizer, scheduler, RNG and the data position
+    step, metrics_path = 0, os.path.join(args.out_dir, "metrics.jsonl")
+    if resuming:
+        step, extra = load_checkpoint(accelerator, ckpt_dir, model=model, optimizer=optimizer, scheduler=scheduler,
+                                      sharded=sharded)
+        if extra.get("steps_per_epoch") != steps_per_epoch or extra.get("total_steps") != total_steps:
+            raise ValueError(f"{ckpt_dir}: written with {extra.get('steps_per_epoch')} steps per epoch and "
+                             f"{extra.get('total_steps')} steps; now {steps_per_epoch} and {total_steps} "
+                             "(same --data, --batch_size, --epochs and --max_steps are needed to resume)")
+        summary.update({k: extra[k] for k in ("before",) if k in extra})
+        log(f"resumed from {ckpt_dir} at step {step} (epoch {extra['epoch']}, batch {extra['batch_in_epoch']})")
+        if is_main:  # drop metric rows past the checkpoint: those steps are redone
+            rows = [r for r in common.read_jsonl(metrics_path) if r["step"] <= step]
+            with open(metrics_path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+    elif args.resume:
+        log(f"--resume: no checkpoint in {args.out_dir}, starting from scratch")
+    if not resuming and is_main:  # a fresh run replaces an earlier run's log and checkpoint
+        if os.path.exists(metrics_path):
+            os.remove(metrics_path)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+    # ---- training loop: one iteration = one optimizer step over the effective batch
+    model.train()
+    order, order_epoch, t0 = None, None, time.time()
+    bar = tqdm(range(step, total_steps), desc="SFT", disable=not is_main, initial=step, total=total_steps)
+    for step in bar:
+        epoch, pos = divmod(step, steps_per_epoch)
+        if order_epoch != epoch:
+            order, order_epoch = epoch_order(len(ds), args.seed, epoch), epoch
+        batch_idx = order[pos * args.batch_size:(pos + 1) * args.batch_size]  # the same on every process
+        mine = batch_idx[rank * micro * args.grad_accum:(rank + 1) * micro * args.grad_accum]  # this process's share
+        batches = [encode_rows(processor, ds.select(mine[i:i + micro]), root=root, data_path=args.data,
+                               max_pixels=args.max_pixels, max_len=args.max_len)
+                   for i in range(0, len(mine), micro)]
+        # Eq. (1) normalised by the target tokens of the whole effective batch (all processes).
+        local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        n_tokens = int(accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum"))
+        loss_sum = torch.zeros((), device=accelerator.device)
+        for b in batches:
+            b = {k: v.to(accelerator.device) for k, v in b.items()}
+            with accelerator.accumulate(model):  # syncs gradients only on the last micro-batch
+                ce_sum, _ = target_ce_sum(model, b)
+                # accelerate divides by grad_accum and DDP averages over processes: undo both, so the
+                # gradient is that of sum(CE) / n_tokens over the effective batch.
+                accelerator.backward(ce_sum * args.grad_accum * world / max(n_tokens, 1))
+                loss_sum += ce_sum.detach()
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        step += 1  # optimizer steps done
+
+        loss = float(accelerator.reduce(loss_sum, "sum")) / max(n_tokens, 1)
+        row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss,
+               "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
+               "tokens": n_tokens, "seconds": round(time.time() - t0, 2)}
+        if is_main:
+            common.append_jsonl(metrics_path, row)
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{row['lr']:.1e}")
+        if args.stop_at_step and step == args.stop_at_step and step < total_steps:
+            log(f"stopping at step {step} (--stop_at_step); continue with --resume")
+            return {"stopped_at": step}
+        if args.save_every and step % args.save_every == 0 and step < total_steps:
+            extra = {"epoch": step // steps_per_epoch, "batch_in_epoch": step % steps_per_epoch,
+                     "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "seed": args.seed,
+                     "data": args.data, **({"before": summary["before"]} if "before" in summary else {})}
+            save_checkpoint(accelerator, ckpt_dir, model=model, optimizer=optimizer, scheduler=scheduler,
+                            step=step, extra=extra, sharded=sharded)
+    bar.close()
+    train_seconds = time.time() - t0
+
+    # ---- save: the model once (gathered first when sharded), metrics plot, summary
+    if not sharded:
+        digests = gather_object([trainable_digest(model)])  # one per process; all equal under DDP
+        summary["rank_digests"] = digests
+        if len(set(digests)) > 1:
+            raise RuntimeError(f"processes disagree on the trained weights: {digests}")
+        if is_main:
+            common.save_model(accelerator.unwrap_model(model), processor, args.out_dir, merge_lora=args.merge_lora)
+    else:
+        if args.merge_lora:
+            log("--merge_lora is not supported under ZeRO-3/FSDP; merge the saved adapter afterwards")
+        state_dict = accelerator.get_state_dict(model)  # collective: every process takes part
+        if is_main:
+            accelerator.unwrap_model(model).save_pretrained(args.out_dir, state_dict=state_dict, safe_serialization=True)
+            processor.save_pretrained(args.out_dir)
+    accelerator.wait_for_everyone()
+
+    if is_main:
+        rows = common.read_jsonl(metrics_path)
+        common.plot_metrics(rows, ["loss", "lr"], os.path.join(args.out_dir, "loss.png"),
+                            title=f"SFT on {os.path.basename(args.data)}")
+        summary.update(train_seconds=round(train_seconds, 1), first_loss=rows[0]["loss"], final_loss=rows[-1]["loss"])
+        if do_eval:
+            summary["after"], samples = evaluate_toy(accelerator.unwrap_model(model), processor, n=args.eval_size,
+                                                     style=style, max_new_tokens=args.eval_max_new_tokens,
+                                                     batch_size=args.eval_batch_size, desc="eval after")
+            with open(os.path.join(args.out_dir, "eval_samples.jsonl"), "a") as f:
+                f.writelines(json.dumps({"when": "after", **s}) + "\n" for s in samples)
+            if "before" in summary:
+                log(eval_line("before SFT", summary["before"]))
+            log(eval_line("after SFT ", summary["after"]))
+        summary["total_seconds"] = round(time.time() - t_start, 1)
+        with open(os.path.join(args.out_dir, "sft_summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        log(f"trained {total_steps} steps in {train_seconds:.0f}s: loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}; "
+            f"model saved to {args.out_dir}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+if __name__ == "__main__":
+    main(common.parse_args(Args))
