@@ -44,7 +44,7 @@ class Args:
     out_dir: str = "runs/toy/srpo"
     """where the trained policy, metrics and samples go"""
     data: str = "toy"
-    """'toy', or a local JSONL/parquet with question, answer, image (path), optional choices"""
+    """'toy', or a local JSONL with question, answer, image (path relative to the file), optional choices"""
     train_size: int = 2000
     """toy RL prompts (drawn from train seeds not used by stage 1)"""
     reward: str = "paper"
@@ -69,6 +69,8 @@ class Args:
     """nucleus sampling (paper: 1.0)"""
     max_new_tokens: int = 128
     """response length cap (paper: 2048)"""
+    min_new_tokens: int = 0
+    """force at least this many new tokens (fixed-length generation for benchmarks)"""
     mu: int = 1
     """inner iterations (optimizer steps) per rollout batch; with mu = 1 the ratio is exactly 1"""
     clip_eps: float = 0.2
@@ -232,7 +234,26 @@ def load_prompts(args):
         ds = toy.toy_dataset("train", args.train_size, seed=1)  # seeds disjoint from stage 1's pool
         return [{"id": r["id"], "question": r["question"], "answer": r["answer"], "choices": r["choices"],
                  "image": r["image"]} for r in ds]
-    return common.load_problems(args.data)
+    # A local JSONL in the layout 01 writes: question, answer, choices, image (path relative to the file).
+    from PIL import Image
+
+    if not os.path.isfile(args.data):
+        raise FileNotFoundError(f"--data {args.data!r}: not 'toy' and no such file")
+    root, prompts = os.path.dirname(os.path.abspath(args.data)), []
+    for i, r in enumerate(common.read_jsonl(args.data)):
+        missing = [k for k in ("question", "answer") if not str(r.get(k) or "").strip()]
+        if missing:
+            raise ValueError(f"{args.data}: row {i + 1} (id {r.get('id')!r}) has no {', '.join(missing)}")
+        image = None
+        if r.get("image"):
+            path = os.path.join(root, r["image"])
+            try:
+                image = Image.open(path).convert("RGB")
+            except OSError as e:
+                raise ValueError(f"{args.data}: row {i + 1} (id {r.get('id')!r}) field 'image': cannot read {path}: {e}") from e
+        prompts.append({"id": str(r.get("id", i)), "question": r["question"], "answer": str(r["answer"]),
+                        "choices": r.get("choices") or [], "image": image})
+    return prompts
 
 
 def step_prompts(prompts, step, n, seed, rank, world):
@@ -315,7 +336,8 @@ def main(args: Args):
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.eval()
         completion, mask, texts = common.generate(unwrapped, processor, group, max_new_tokens=args.max_new_tokens,
-                                                  temperature=args.temperature, top_p=args.top_p)
+                                                  temperature=args.temperature, top_p=args.top_p,
+                                                  min_new_tokens=args.min_new_tokens)
         t_gen = time.time() - t0
 
         # 2. Rewards (Eqs. 4-8): every response against its OWN prompt's gold answer.

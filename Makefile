@@ -19,8 +19,8 @@ demo: $(VENV)/.installed
 	rm -rf $(OUT) runs/demo
 	$(PY) 00_base_model.py --out_dir $(OUT)/base
 	$(PY) 01_reflect_data.py --model $(OUT)/base --out_dir $(OUT)/reflect
-	$(PY) 02_sft.py --model $(OUT)/base --data $(OUT)/reflect/sft_reflect.jsonl --out_dir $(OUT)/sft --eval_size 0
-	$(PY) 02_sft.py --model $(OUT)/base --data $(OUT)/reflect/sft_cot.jsonl --out_dir $(OUT)/sft_cot --eval_size 0
+	$(PY) 02_sft.py --model $(OUT)/base --data $(OUT)/reflect/sft_reflect.jsonl --out_dir $(OUT)/sft --epochs 3 --eval_size 0
+	$(PY) 02_sft.py --model $(OUT)/base --data $(OUT)/reflect/sft_cot.jsonl --out_dir $(OUT)/sft_cot --epochs 3 --eval_size 0
 	$(PY) 03_grpo.py --model $(OUT)/sft --out_dir $(OUT)/srpo
 	$(PY) 03_grpo.py --model $(OUT)/sft_cot --reward grpo --out_dir $(OUT)/grpo
 	$(PY) 04_eval.py --out_dir runs/demo \

@@ -166,3 +166,19 @@ def test_two_process_accelerate_cpu_run(base_model_dir, tmp_path):
     log = subprocess.run(cmd, check=True, cwd=ROOT, env=env, timeout=300, capture_output=True, text=True)
     assert "processes: 2" in log.stdout + log.stderr  # really two ranks, not a silent single process
     assert len(common.read_jsonl(out / "metrics.jsonl")) == 2 and (out / "model.safetensors").exists()
+
+
+def test_local_jsonl_prompts_and_bad_rows(tmp_path):
+    ds = toy.toy_dataset("test", 2)
+    rows = []
+    for r in ds:
+        r["image"].save(tmp_path / f"{r['id']}.png")
+        rows.append({"id": r["id"], "question": r["question"], "answer": r["answer"], "choices": r["choices"],
+                     "image": f"{r['id']}.png"})
+    for r in rows:
+        common.append_jsonl(tmp_path / "rl.jsonl", r)
+    prompts = grpo.load_prompts(grpo.Args(data=str(tmp_path / "rl.jsonl")))
+    assert [p["answer"] for p in prompts] == list(ds["answer"]) and prompts[0]["image"].size == (112, 112)
+    common.append_jsonl(tmp_path / "rl.jsonl", {**rows[0], "id": "broken", "image": "missing.png"})
+    with pytest.raises(ValueError, match="row 3 .*broken.* field 'image'"):
+        grpo.load_prompts(grpo.Args(data=str(tmp_path / "rl.jsonl")))
