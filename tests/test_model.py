@@ -100,8 +100,8 @@ def test_toy_processor_tensors(tiny_model_dir):
     texts, images = _multi_image_texts(processor)
     batch = processor(text=texts, images=images, padding=True, return_tensors="pt", padding_side="left")
     assert set(batch.keys()) == {"input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids"}
-    grid = batch["image_grid_thw"]  # (n_images, 3): 84x84 -> 1x6x6 patches, 112x56 -> 1x4x8
-    assert grid.tolist() == [[1, 6, 6], [1, 6, 6], [1, 4, 8]]
+    grid = batch["image_grid_thw"]  # (n_images, 3): 112x112 -> 1x8x8 patches, 112x56 -> 1x4x8
+    assert grid.tolist() == [[1, 8, 8], [1, 8, 8], [1, 4, 8]]
     assert batch["pixel_values"].shape == (int(grid.prod(-1).sum()), 3 * 2 * 14 * 14)
     tokens_per_image = (grid.prod(-1) // 4).tolist()  # 2x2 patch merge
     pad_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
@@ -212,7 +212,7 @@ def test_sft_forward_loss_and_vision_gradients(tiny_model_dir, freeze_vision):
     probs = _one_per_family(("count", "add"))
     targets = [toy.cot_response(p) for p in probs]
     batch = common.encode_sft(processor, [p["question"] for p in probs], [p["image"] for p in probs], targets, PLAIN)
-    assert batch["pixel_values"].shape[0] == 2 * 36
+    assert batch["pixel_values"].shape[0] == 2 * 64
     # Labels cover exactly the assistant target plus the end-of-turn token (Eq. 1).
     for row, target in zip(batch["labels"], targets):
         assert processor.tokenizer.decode(row[row != -100]) == target + "<|im_end|>"
@@ -338,8 +338,9 @@ def test_base_model_stage_outputs(base_model_dir):
     acc = result["accuracy"]
     assert set(acc) == set(toy.FAMILIES) | {"all"}
     assert all(0.0 <= v <= 1.0 for v in acc.values())
-    assert result["steps"] == 60 and result["parameters"] > 0
+    steps = result["steps"]
+    assert steps >= 20 and result["parameters"] > 0
     log = common.read_jsonl(os.path.join(base_model_dir, "train_log.jsonl"))
-    assert [r["step"] for r in log] == list(range(60))
+    assert [r["step"] for r in log] == list(range(steps))
     assert all(math.isfinite(r["loss"]) for r in log)
     assert sum(r["loss"] for r in log[-10:]) < sum(r["loss"] for r in log[:10])  # it learned something

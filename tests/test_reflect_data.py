@@ -329,7 +329,7 @@ def test_kill_during_policy_answers_then_resume(reference, base_model_dir, tmp_p
 def test_ctrl_c_during_teacher_then_resume(reference, server, tmp_path):
     out = str(tmp_path / "interrupted")
     copy_answers(reference[0], out)
-    server.default, server.slow_s = "slow", 0.2
+    server.default, server.slow_s = "slow", 0.5  # slow enough that the interrupt lands mid-run
     cmd = cli({"model": "/unused", "out_dir": out, **SMALL, "teacher": "openai", "base_url": server.url,
                "concurrency": 2, "timeout_s": 5})
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
