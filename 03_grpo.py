@@ -360,10 +360,13 @@ def main(args: Args):
         adv = advantages.flatten()[rows].to(accelerator.device)
         t_score = time.time() - t0 - t_gen
 
-        # 4. Old (and reference) log-probs, no gradient.
+        # 4. Old (and reference) log-probs, no gradient. With mu = 1 the policy has not moved since
+        # sampling, so pi_old = pi_theta: the first (only) pass uses its own detached log-probs.
         model.train()
         with torch.no_grad():
-            old_logp = token_logprobs(model, train, comp, args.temperature, args.micro_batch, vision_start)
+            old_logp = None
+            if args.mu > 1:
+                old_logp = token_logprobs(model, train, comp, args.temperature, args.micro_batch, vision_start)
             ref_logp = None
             if args.kl_coef > 0:
                 if ref_model is not None:
@@ -384,7 +387,8 @@ def main(args: Args):
                 with sync:
                     logp = token_logprobs(model, select_rows(train, mb, vision_start), comp[mb], args.temperature,
                                           args.micro_batch, vision_start)
-                    loss, st = grpo_loss(logp, old_logp[mb], None if ref_logp is None else ref_logp[mb],
+                    old = logp.detach() if old_logp is None else old_logp[mb]
+                    loss, st = grpo_loss(logp, old, None if ref_logp is None else ref_logp[mb],
                                          adv[mb], cmask[mb], args)
                     # Rescale the micro-batch's loss to its share of the whole batch.
                     share = cmask[mb].sum() / n_tok if args.loss_agg == "token-mean" else len(mb) / B
