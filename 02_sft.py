@@ -93,8 +93,9 @@ class Args:
     """passes over the data (paper: 1; the authors' released config: 3)"""
     max_steps: int = 0
     """optimizer steps; 0 = epochs x steps per epoch. Sets the schedule's length"""
-    batch_size: int = 16
-    """effective batch: examples per optimizer step over all processes (paper: 8 GPUs x 1 x 2 = 16)"""
+    batch_size: int = 8
+    """effective batch: examples per optimizer step over all processes (paper: 8 GPUs x 1 x 2 = 16;
+    toy: 8, so that 1 epoch of 600 rows is 75 steps, enough to learn the format)"""
     grad_accum: int = 1
     """micro-batches per process per optimizer step (paper: 2)"""
     lr: float = 2e-3

@@ -332,7 +332,10 @@ def test_ctrl_c_during_teacher_then_resume(reference, server, tmp_path):
     server.default, server.slow_s = "slow", 0.5  # slow enough that the interrupt lands mid-run
     cmd = cli({"model": "/unused", "out_dir": out, **SMALL, "teacher": "openai", "base_url": server.url,
                "concurrency": 2, "timeout_s": 5})
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # A shell starts background jobs with SIGINT ignored, and children inherit that: restore the
+    # default so Python turns the signal into KeyboardInterrupt, as in a terminal.
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     hit = wait_for_lines(os.path.join(out, "sft_reflect.jsonl"), 4, proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
