@@ -19,7 +19,7 @@ Writes  --out_dir runs/toy/sft/
         before/after check on toy test problems), eval_samples.jsonl (what the policy answers),
         checkpoint/ (every --save_every steps: weights, optimizer, scheduler, RNG, data position).
 
-Toy (2 CPU cores; about 2-3 minutes, half of it the before/after check):
+Toy (2 CPU cores: ~1 minute, of which ~45 s training and ~15 s the before/after check):
     python 02_sft.py                                   # reflection SFT -> runs/toy/sft
     python 02_sft.py --data runs/toy/reflect/sft_cot.jsonl --out_dir runs/toy/sft_cot
                                                        # the paper's "plain-CoT SFT" ablation
@@ -37,14 +37,13 @@ accumulation = 16 per step, bf16, DeepSpeed ZeRO-3, 4096 tokens, images <= 262,1
         --model Qwen/Qwen2.5-VL-7B-Instruct --data runs/real/reflect/sft_reflect.jsonl \\
         --out_dir runs/real/sft --lr 1e-5 --batch_size 16 --grad_accum 2 --epochs 1 \\
         --gradient_checkpointing --save_every 200 --eval_size 0
-    # 2 nodes x 8 GPUs: run on every node (same batch_size = 16 x 2 nodes / 2 = keep 16 per
-    # step by halving --grad_accum to 1, or double --batch_size to 32):
+    # 2 nodes x 8 GPUs = 16 processes: run on every node; 16 x 1 x 1 keeps 16 examples per step
     accelerate launch --config_file configs/zero3.yaml --num_machines 2 --num_processes 16 \\
         --machine_rank $NODE_RANK --main_process_ip $MASTER_ADDR --main_process_port 29500 \\
         02_sft.py --model Qwen/Qwen2.5-VL-7B-Instruct --batch_size 16 --grad_accum 1 --lr 1e-5 ...
     # ZeRO-2 (fits 7B on 8 x 80 GB with gradient checkpointing): configs/zero2.yaml; FSDP:
     # configs/fsdp.yaml; LoRA on several GPUs with plain DDP: configs/ddp.yaml --lora_r 64 --lr 1e-4
-    # One GPU (QLoRA, ~20 GB for 7B):
+    # One GPU (QLoRA: nf4 base, LoRA adapters, bf16 compute):
     python 02_sft.py --model Qwen/Qwen2.5-VL-7B-Instruct --load_in_4bit --lora_r 64 --lr 1e-4 \\
         --batch_size 16 --grad_accum 16 --gradient_checkpointing --eval_size 0 ...
 
@@ -133,7 +132,8 @@ class Args:
     stop_at_step: int = 0
     """stop after this optimizer step as if killed, saving nothing (tests --resume); 0 = off"""
     eval_size: int = 200
-    """toy test problems answered before and after training (greedy, reflective prompt); 0 = skip"""
+    """toy test problems answered greedily before and after training, in the data's prompt style
+    (and by the starting model in plain CoT too); 0 = skip. Only for toy models"""
     eval_max_new_tokens: int = 128
     """token budget of each answer in that check"""
     eval_batch_size: int = 64
@@ -384,7 +384,11 @@ def main(args: Args):
         summary["before"], samples = evaluate_toy(model, processor, n=args.eval_size, style=style, desc="eval before",
                                                   max_new_tokens=args.eval_max_new_tokens,
                                                   batch_size=args.eval_batch_size)
-        log(eval_line("before SFT", summary["before"]))
+        if style != "plain":  # and in the plain CoT format it was trained on: its real skill
+            summary["before_plain"], _ = evaluate_toy(model, processor, n=args.eval_size, style="plain",
+                                                      desc="eval before (plain)",
+                                                      max_new_tokens=args.eval_max_new_tokens,
+                                                      batch_size=args.eval_batch_size)
         with open(os.path.join(args.out_dir, "eval_samples.jsonl"), "w") as f:
             f.writelines(json.dumps({"when": "before", **s}) + "\n" for s in samples)
     accelerator.wait_for_everyone()
@@ -406,7 +410,7 @@ def main(args: Args):
             raise ValueError(f"{ckpt_dir}: written with {extra.get('steps_per_epoch')} steps per epoch and "
                              f"{extra.get('total_steps')} steps; now {steps_per_epoch} and {total_steps} "
                              "(same --data, --batch_size, --epochs and --max_steps are needed to resume)")
-        summary.update({k: extra[k] for k in ("before",) if k in extra})
+        summary.update({k: extra[k] for k in ("before", "before_plain") if k in extra})
         log(f"resumed from {ckpt_dir} at step {step} (epoch {extra['epoch']}, batch {extra['batch_in_epoch']})")
         if is_main:  # drop metric rows past the checkpoint: those steps are redone
             rows = [r for r in common.read_jsonl(metrics_path) if r["step"] <= step]
@@ -464,7 +468,7 @@ def main(args: Args):
         if args.save_every and step % args.save_every == 0 and step < total_steps:
             extra = {"epoch": step // steps_per_epoch, "batch_in_epoch": step % steps_per_epoch,
                      "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "seed": args.seed,
-                     "data": args.data, **({"before": summary["before"]} if "before" in summary else {})}
+                     "data": args.data, **{k: summary[k] for k in ("before", "before_plain") if k in summary}}
             save_checkpoint(accelerator, ckpt_dir, model=model, optimizer=optimizer, scheduler=scheduler,
                             step=step, extra=extra, sharded=sharded)
     bar.close()
@@ -498,9 +502,10 @@ def main(args: Args):
                                                      batch_size=args.eval_batch_size, desc="eval after")
             with open(os.path.join(args.out_dir, "eval_samples.jsonl"), "a") as f:
                 f.writelines(json.dumps({"when": "after", **s}) + "\n" for s in samples)
-            if "before" in summary:
-                log(eval_line("before SFT", summary["before"]))
-            log(eval_line("after SFT ", summary["after"]))
+            for key, name in (("before_plain", "before SFT, plain prompt"), ("before", f"before SFT, {style} prompt"),
+                              ("after", f"after SFT,  {style} prompt")):
+                if key in summary:
+                    log(eval_line(name, summary[key]))
         summary["total_seconds"] = round(time.time() - t_start, 1)
         with open(os.path.join(args.out_dir, "sft_summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
