@@ -211,7 +211,6 @@ def test_grading_is_safe_and_bounded(tmp_path):
 
 
 def test_math_verify_time_budget(monkeypatch):
-    R.is_correct(r"\sqrt{18}", r"3\sqrt{2}")  # one-time math-verify warm-up (imports, grammar), not the budget
     t0 = time.perf_counter()
     R.is_correct("((((((2))))))", "7")  # the LaTeX parser is slow on nesting; the budget cuts it
     R.is_correct(r"\int_0^1 x^{100} e^x dx", "7")
