@@ -211,10 +211,11 @@ def test_grading_is_safe_and_bounded(tmp_path):
 
 
 def test_math_verify_time_budget(monkeypatch):
-    t0 = time.perf_counter()
-    R.is_correct("((((((2))))))", "7")  # the LaTeX parser is slow on nesting; the budget cuts it
-    R.is_correct(r"\int_0^1 x^{100} e^x dx", "7")
-    assert time.perf_counter() - t0 < 2 * R.MATH_VERIFY_BUDGET_S + 0.3
+    # Timed per grading call: one call may run more than one budgeted math-verify comparison.
+    for pred in ("((((((2))))))", r"\int_0^1 x^{100} e^x dx"):  # slow for the LaTeX parser; the budget cuts it
+        t0 = time.perf_counter()
+        R.is_correct(pred, "7")
+        assert time.perf_counter() - t0 < 2 * R.MATH_VERIFY_BUDGET_S + 0.3, pred
     monkeypatch.setattr(R, "MATH_VERIFY_BUDGET_S", 1e-6)
     assert not R.is_correct(r"\sqrt{18}", r"3\sqrt{2}")  # out of time: not provably equal
     monkeypatch.undo()
