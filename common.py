@@ -175,9 +175,8 @@ def _fix_bnb_cpu(model):
 
 
 def unwrap(model):
-    """The plain transformers model under accelerate/DDP wrappers and peft."""
-    model = getattr(model, "module", model)
-    return model
+    """The model under a DDP wrapper (`.module`); a peft model stays a peft model."""
+    return getattr(model, "module", model)
 
 
 def save_model(model, processor, path, merge_lora=False):
