@@ -302,8 +302,18 @@ class _OutOfTime(BaseException):
     """Raised by our timer; a BaseException so math-verify's `except Exception` lets it through."""
 
 
+_armed = False  # True only while _symbolic_equal runs math-verify under its timer
+
+
 def _out_of_time(signum, frame):
-    raise _OutOfTime
+    if _armed:  # an alarm that lands after the verdict is in must not raise in unrelated code
+        raise _OutOfTime
+
+
+def _disarm():
+    global _armed
+    _armed = False
+    signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 @functools.lru_cache(maxsize=1 << 14)
@@ -346,17 +356,23 @@ def _symbolic_equal(pred: str, gold: str) -> bool:
             return _math_verify(pred, gold)
         except Exception:
             return False
+    global _armed
+    verdict = False  # out of time, or sympy failed: not provably equal
     previous = signal.signal(signal.SIGALRM, _out_of_time)
     try:
         try:
-            signal.setitimer(signal.ITIMER_REAL, MATH_VERIFY_BUDGET_S)
-            return _math_verify(pred, gold)
+            _armed = True
+            # The alarm repeats every 50 ms after the budget: Python swallows an exception raised
+            # inside a __del__ or weakref callback (sympy runs many), so one alarm is not enough.
+            signal.setitimer(signal.ITIMER_REAL, MATH_VERIFY_BUDGET_S, 0.05)
+            verdict = _math_verify(pred, gold)
         finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-    except (_OutOfTime, Exception):  # out of time, or sympy failed: not provably equal
-        return False
+            _disarm()
+    except (_OutOfTime, Exception):
+        _disarm()  # a late alarm may have cut the first _disarm short
     finally:
         signal.signal(signal.SIGALRM, previous)
+    return verdict
 
 
 def _nesting(s: str) -> int:
