@@ -36,8 +36,9 @@ class Args:
     """random seed (weights, data order)"""
     train_size: int = 4000
     """toy training problems (plain chain-of-thought targets)"""
-    steps: int = 250
-    """optimizer steps; few enough that the model stays often wrong"""
+    steps: int = 400
+    """optimizer steps: past the point (~300) where it learns to copy the question's colours, few enough
+    that it stays often wrong (seed 0: 68% on the toy test split)"""
     batch_size: int = 32
     """problems per step"""
     lr: float = 2e-3

@@ -4,8 +4,12 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 OUT := runs/toy
-# Tiny models run fastest single-threaded, and 1 thread never fights a second process for the cores.
+# One thread per process: the paired stages below run two processes at once; a stage that runs
+# alone gets all the cores (THREADS).
 export OMP_NUM_THREADS ?= 1
+THREADS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n < 4 ? n : 4 )))
+SFT_ARGS ?= --epochs 3 --batch_size 16 --eval_size 0
+RL_ARGS ?=
 
 .PHONY: demo test clean
 
@@ -15,20 +19,28 @@ $(VENV)/.installed: requirements.txt
 	$(VENV)/bin/pip install --quiet -r requirements.txt
 	touch $@
 
+# The two SFT runs, then the two RL runs, are independent: each pair runs side by side, one per
+# core, with the baseline's progress in a log file so that the two progress bars don't interleave.
 demo: $(VENV)/.installed
 	rm -rf $(OUT) runs/demo
-	$(PY) 00_base_model.py --out_dir $(OUT)/base
-	$(PY) 01_reflect_data.py --model $(OUT)/base --out_dir $(OUT)/reflect
-	$(PY) 02_sft.py --model $(OUT)/base --data $(OUT)/reflect/sft_reflect.jsonl --out_dir $(OUT)/sft --epochs 3 --eval_size 0
-	$(PY) 02_sft.py --model $(OUT)/base --data $(OUT)/reflect/sft_cot.jsonl --out_dir $(OUT)/sft_cot --epochs 3 --eval_size 0
-	$(PY) 03_grpo.py --model $(OUT)/sft --out_dir $(OUT)/srpo
-	$(PY) 03_grpo.py --model $(OUT)/sft_cot --reward grpo --out_dir $(OUT)/grpo
-	$(PY) 04_eval.py --out_dir runs/demo \
+	OMP_NUM_THREADS=$(THREADS) $(PY) 00_base_model.py --out_dir $(OUT)/base
+	OMP_NUM_THREADS=$(THREADS) $(PY) 01_reflect_data.py --model $(OUT)/base --out_dir $(OUT)/reflect
+	@echo "plain-CoT SFT for the GRPO baseline runs alongside; its log: $(OUT)/sft_cot.log"
+	$(PY) 02_sft.py --model $(OUT)/base --data $(OUT)/reflect/sft_cot.jsonl --out_dir $(OUT)/sft_cot \
+		$(SFT_ARGS) > $(OUT)/sft_cot.log 2>&1 & \
+	$(PY) 02_sft.py --model $(OUT)/base --data $(OUT)/reflect/sft_reflect.jsonl --out_dir $(OUT)/sft \
+		$(SFT_ARGS); fg=$$?; wait $$!; bg=$$?; \
+	[ $$bg -eq 0 ] || tail -n 20 $(OUT)/sft_cot.log; [ $$fg -eq 0 ] && [ $$bg -eq 0 ]
+	@echo "plain GRPO from the plain-CoT SFT model runs alongside; its log: $(OUT)/grpo.log"
+	$(PY) 03_grpo.py --model $(OUT)/sft_cot --reward grpo --out_dir $(OUT)/grpo $(RL_ARGS) > $(OUT)/grpo.log 2>&1 & \
+	$(PY) 03_grpo.py --model $(OUT)/sft --out_dir $(OUT)/srpo $(RL_ARGS); fg=$$?; wait $$!; bg=$$?; \
+	[ $$bg -eq 0 ] || tail -n 20 $(OUT)/grpo.log; [ $$fg -eq 0 ] && [ $$bg -eq 0 ]
+	OMP_NUM_THREADS=$(THREADS) $(PY) 04_eval.py --out_dir runs/demo \
 		--models base=$(OUT)/base@plain,sft=$(OUT)/sft,srpo=$(OUT)/srpo,grpo=$(OUT)/grpo@plain
 	cp runs/demo/toy-test/comparison.json runs/demo/comparison.json
 	cp runs/demo/toy-test/comparison.png runs/demo/comparison.png
-	@echo "comparison: runs/demo/comparison.md .json .png"
 	cp runs/demo/toy-test/comparison.md runs/demo/comparison.md
+	@echo "comparison: runs/demo/comparison.md .json .png"
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests

@@ -40,20 +40,23 @@ MAX_PER_COLOUR = 4
 
 
 def _draw_dots(rng, counts):
-    """Dots in distinct cells of the 4x4 grid, jittered, so dots never touch and each is one blob.
+    """A dot chart: each colour's dots in its own row (red, green, blue from the top), from the
+    left, one jittered dot per cell, so dots never touch and each is one blob.
 
     Why cells of 28 px: each cell is exactly one image token of Qwen2.5-VL (14-px patches, 2x2
-    merge), which makes reading the image learnable for a ~1M-parameter model in minutes.
+    merge). Why rows from the left: a ~1M-parameter model learns to read such a chart in ~300
+    steps; with dots at random cells it was still at chance after 450 (the count is then a sum over
+    16 tokens rather than a position in a row of 4, as with the bars).
     """
     img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (255, 255, 255))
     draw = ImageDraw.Draw(img)
-    cells = rng.sample(range(16), sum(counts.values()))
-    colours = [c for c, n in counts.items() for _ in range(n)]
-    for cell, colour in zip(cells, colours):
-        cx = (cell % 4) * CELL + CELL // 2 + rng.randint(-3, 3)
-        cy = (cell // 4) * CELL + CELL // 2 + rng.randint(-3, 3)
-        r = DOT_RADIUS
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=COLOURS[colour])
+    for colour, n in counts.items():
+        row = list(COLOURS).index(colour)
+        for col in range(n):
+            cx = col * CELL + CELL // 2 + rng.randint(-3, 3)
+            cy = row * CELL + CELL // 2 + rng.randint(-3, 3)
+            r = DOT_RADIUS
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=COLOURS[colour])
     return img
 
 
@@ -155,7 +158,9 @@ def cot_response(problem: dict, reads=None) -> str:
     result = solve(reads, sol["op"])
     choices = problem["choices"]
     answer = "ABC"[choices.index(result)] if choices else str(result)
-    return f"<think>{solution_text(reads, sol['op'])}</think>\n<answer>{answer}</answer>"
+    # The space after <think> makes the first colour the same token as in the question (" red"), which
+    # the tiny model copies far sooner than a different token ("red").
+    return f"<think> {solution_text(reads, sol['op'])}</think>\n<answer>{answer}</answer>"
 
 
 _READ_RE = re.compile(r"\b(red|green|blue): (\d+)")

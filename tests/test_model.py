@@ -322,7 +322,7 @@ def test_parse_args_help_from_docstrings_and_types(capsys, monkeypatch):
     assert common.parse_args(stage0.Args, ["--steps", "5", "--lr", "0.01"]) == stage0.Args(steps=5, lr=0.01)
     with pytest.raises(SystemExit):
         common.parse_args(stage0.Args, ["--help"])
-    assert "optimizer steps; few enough that the model stays often wrong" in capsys.readouterr().out
+    assert "toy test problems for the accuracy report" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------------
