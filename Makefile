@@ -11,6 +11,11 @@ THREADS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n < 4 ? n : 4 ))
 SFT_ARGS ?= --epochs 3 --batch_size 16 --eval_size 0
 RL_ARGS ?=
 
+# $(call side_by_side,LOG,BACKGROUND COMMAND,FOREGROUND COMMAND): run both, the first into LOG;
+# fail if either fails (showing LOG's tail when the background one did).
+side_by_side = $(2) > $(1) 2>&1 & $(3); fg=$$?; wait $$!; bg=$$?; \
+	[ $$bg -eq 0 ] || tail -n 20 $(1); [ $$fg -eq 0 ] && [ $$bg -eq 0 ]
+
 .PHONY: demo test clean
 
 $(VENV)/.installed: requirements.txt
@@ -26,15 +31,13 @@ demo: $(VENV)/.installed
 	OMP_NUM_THREADS=$(THREADS) $(PY) 00_base_model.py --out_dir $(OUT)/base
 	OMP_NUM_THREADS=$(THREADS) $(PY) 01_reflect_data.py --model $(OUT)/base --out_dir $(OUT)/reflect
 	@echo "plain-CoT SFT for the GRPO baseline runs alongside; its log: $(OUT)/sft_cot.log"
-	$(PY) 02_sft.py --model $(OUT)/base --data $(OUT)/reflect/sft_cot.jsonl --out_dir $(OUT)/sft_cot \
-		$(SFT_ARGS) > $(OUT)/sft_cot.log 2>&1 & \
-	$(PY) 02_sft.py --model $(OUT)/base --data $(OUT)/reflect/sft_reflect.jsonl --out_dir $(OUT)/sft \
-		$(SFT_ARGS); fg=$$?; wait $$!; bg=$$?; \
-	[ $$bg -eq 0 ] || tail -n 20 $(OUT)/sft_cot.log; [ $$fg -eq 0 ] && [ $$bg -eq 0 ]
+	$(call side_by_side,$(OUT)/sft_cot.log,\
+		$(PY) 02_sft.py --model $(OUT)/base --data $(OUT)/reflect/sft_cot.jsonl --out_dir $(OUT)/sft_cot $(SFT_ARGS),\
+		$(PY) 02_sft.py --model $(OUT)/base --data $(OUT)/reflect/sft_reflect.jsonl --out_dir $(OUT)/sft $(SFT_ARGS))
 	@echo "plain GRPO from the plain-CoT SFT model runs alongside; its log: $(OUT)/grpo.log"
-	$(PY) 03_grpo.py --model $(OUT)/sft_cot --reward grpo --out_dir $(OUT)/grpo $(RL_ARGS) > $(OUT)/grpo.log 2>&1 & \
-	$(PY) 03_grpo.py --model $(OUT)/sft --out_dir $(OUT)/srpo $(RL_ARGS); fg=$$?; wait $$!; bg=$$?; \
-	[ $$bg -eq 0 ] || tail -n 20 $(OUT)/grpo.log; [ $$fg -eq 0 ] && [ $$bg -eq 0 ]
+	$(call side_by_side,$(OUT)/grpo.log,\
+		$(PY) 03_grpo.py --model $(OUT)/sft_cot --reward grpo --out_dir $(OUT)/grpo $(RL_ARGS),\
+		$(PY) 03_grpo.py --model $(OUT)/sft --out_dir $(OUT)/srpo $(RL_ARGS))
 	OMP_NUM_THREADS=$(THREADS) $(PY) 04_eval.py --out_dir runs/demo \
 		--models base=$(OUT)/base@plain,sft=$(OUT)/sft,srpo=$(OUT)/srpo,grpo=$(OUT)/grpo@plain
 	cp runs/demo/toy-test/comparison.json runs/demo/comparison.json
