@@ -513,10 +513,13 @@ def sft_row(a, response, prompt_style, first_correct):
 
 
 def reflect_target(a, reflection) -> str:
-    """The paper's SFT target: the policy's own first attempt, the reflection, then the gold answer."""
-    p = rewards.parse_response(a["response"])
-    return (f"<think>{p['think1']}</think>\n<answer>{p['answer1']}</answer>\n"
-            f"<reflection>{reflection}</reflection>\n<answer>{a['answer']}</answer>")
+    """The paper's SFT target: the policy's own first attempt, the reflection, then the gold answer.
+
+    The first attempt is kept verbatim (it is well-formed: nothing but its two blocks), not rebuilt
+    from stripped block contents: `<think> red` and `<think>red` tokenize differently, and teaching
+    the policy a spelling of its own answer that it never writes costs it what it had learned.
+    """
+    return f"{a['response'].strip()}\n<reflection>{reflection}</reflection>\n<answer>{a['answer']}</answer>"
 
 
 def main(args: Args):
@@ -585,10 +588,8 @@ def main(args: Args):
         else:  # real data: the policy's own right answers (rejection sampling)
             right = [a for a in sorted(answers, key=lambda a: a["row"]) if a["correct"] and a["well_formed"]]
             for a in random.Random(args.seed).sample(right, min(args.num_samples, len(right))):
-                p = rewards.parse_response(a["response"])
                 save_image(ds, args, base_dir, a["row"], os.path.join(out, "images", f"{a['id']}.png"))
-                target = f"<think>{p['think1']}</think>\n<answer>{p['answer1']}</answer>"
-                cot.append(sft_row(a, target, "plain", True))
+                cot.append(sft_row(a, a["response"].strip(), "plain", True))  # verbatim, as above
         write_jsonl_atomic(paths["sft_cot"], cot)
 
     written = {r["id"] for r in common.read_jsonl(paths["sft_reflect"])} & chosen

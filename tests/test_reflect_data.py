@@ -242,9 +242,13 @@ def test_oracle_end_to_end(reference, base_model_dir, capsys):
     assert stats["selected"] == stats["reflections"] == stats["cot"] == min(24, usable) > 0
     ds = datasets.load_dataset("json", data_files=os.path.join(out, "sft_reflect.jsonl"), split="train")
     assert len(ds) == stats["selected"] and len(set(ds["id"])) == len(ds)
+    policy = {a["id"]: a["response"] for a in common.read_jsonl(os.path.join(out, "answers.jsonl"))}
     for row in ds:
         p = rewards.parse_response(row["response"])
         assert p["layout"] == ("think", "answer", "reflection", "answer") and p["answer2"] == row["answer"]
+        # The first attempt is the policy's own text, byte for byte ("<think> red" must not become
+        # "<think>red": a different token than the policy writes).
+        assert row["response"].startswith(policy[row["id"]].strip() + "\n<reflection>")
         assert row["response"].count("\n") == 3 and row["prompt_style"] == "reflect"
         assert rewards.is_correct(p["answer1"], row["answer"], row["choices"] or None) == row["first_correct"]
         assert os.path.isfile(os.path.join(out, row["image"]))
