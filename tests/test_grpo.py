@@ -45,6 +45,7 @@ def _rollout(model_dir, G=2, n=3, T=1.0, max_new_tokens=24):
     ds = toy.toy_dataset("test", n)
     vs = proc.tokenizer.convert_tokens_to_ids("<|vision_start|>")
     enc = common.encode_prompts(proc, list(ds["question"]), list(ds["image"]), common.SYSTEM_PROMPTS["plain"])
+    enc = {k: v.to(model.device) for k, v in enc.items()}  # as 03 does (a GPU machine runs these too)
     group = grpo.repeat_for_group(enc, G, vs)
     torch.manual_seed(0)
     model.eval()
@@ -74,7 +75,7 @@ def test_ratio_is_exactly_one_on_first_iteration_and_kl_zero(base_model_dir):
         old = grpo.token_logprobs(model, group, comp, 1.0, 4, vs)
     new = grpo.token_logprobs(model, group, comp, 1.0, 4, vs)
     args = SimpleNamespace(clip_eps=0.2, clip_eps_high=0.0, kl_coef=0.1, loss_agg="token-mean")
-    adv = torch.randn(comp.shape[0])
+    adv = torch.randn(comp.shape[0]).to(comp.device)
     loss, stats = grpo.grpo_loss(new, old, new.detach(), adv, mask.float(), args)
     assert torch.equal(new.detach(), old)  # ratio exp(0) == 1 exactly
     assert stats["clip_frac"] == 0.0 and stats["kl"] == 0.0  # policy == reference -> k3 == 0
@@ -85,10 +86,12 @@ def test_ratio_is_exactly_one_on_first_iteration_and_kl_zero(base_model_dir):
 def test_training_logprobs_match_sampling_distribution(base_model_dir):
     """log_softmax(logits / T) of the training pass == the distribution generate() sampled from."""
     T = 0.7
-    model, proc = common.load_policy(base_model_dir)
+    # fp32 on any device: this checks the temperature scaling, not bf16 rounding (on a GPU "auto" is bf16).
+    model, proc = common.load_policy(base_model_dir, dtype="float32")
     ds = toy.toy_dataset("test", 3)
     vs = proc.tokenizer.convert_tokens_to_ids("<|vision_start|>")
     enc = common.encode_prompts(proc, list(ds["question"]), list(ds["image"]), common.SYSTEM_PROMPTS["plain"])
+    enc = {k: v.to(model.device) for k, v in enc.items()}
     model.eval()
     torch.manual_seed(0)
     out = model.generate(**enc, max_new_tokens=12, do_sample=True, temperature=T, top_k=0, top_p=1.0,
