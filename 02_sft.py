@@ -112,7 +112,7 @@ class Args:
     max_pixels: int = 262144
     """images with more pixels are downscaled first, keeping the aspect ratio (paper: 262,144)"""
     lora_r: int = 0
-    """LoRA rank on the language model's linear layers; 0 = full fine-tuning"""
+    """LoRA rank on the language model's linear layers; 0 = full fine-tuning (16 with --load_in_4bit)"""
     lora_alpha: int = 0
     """LoRA alpha; 0 = 2 x lora_r"""
     load_in_4bit: bool = False
@@ -363,7 +363,7 @@ def main(args: Args):
         # LoRA: the base is frozen (peft keeps adapters in fp32); DeepSpeed keeps its own fp32 masters
         dtype = "bfloat16" if bf16 else "float16"
     model, processor = common.load_policy(
-        base, dtype=dtype, load_in_4bit=args.load_in_4bit, lora_r=args.lora_r, lora_alpha=args.lora_alpha or None,
+        base, dtype=dtype, load_in_4bit=args.load_in_4bit, lora_r=args.lora_r or (16 if args.load_in_4bit else 0), lora_alpha=args.lora_alpha or None,
         freeze_vision=args.freeze_vision, gradient_checkpointing=args.gradient_checkpointing,
         device=str(accelerator.device), adapter_path=adapter)
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -100,7 +100,7 @@ class Args:
     micro_batch: int = 32
     """sequences per log-prob forward pass (bounds logits memory)"""
     lora_r: int = 0
-    """LoRA rank (0 = full fine-tuning of the language model)"""
+    """LoRA rank (0 = full fine-tuning of the language model; 16 when --load_in_4bit or the model is an adapter)"""
     load_in_4bit: bool = False
     """nf4 base weights + LoRA (one-GPU mode)"""
     gradient_checkpointing: bool = False
@@ -269,17 +269,26 @@ def step_prompts(prompts, step, n, seed, rank, world):
 
 
 def main(args: Args):
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedType
 
     # No GPU: gloo on the CPU (`accelerate launch --multi_gpu --num_processes 2` runs 2 CPU processes).
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    # On a GPU: bf16 autocast (fp16 where bf16 is missing), as in 02.
+    on_gpu = torch.cuda.is_available()
+    half = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if on_gpu else "no"
+    accelerator = Accelerator(cpu=not on_gpu, mixed_precision=half)
     rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     common.seed_everything(args.seed + rank)
     system = common.SYSTEM_PROMPTS[args.system_prompt if args.system_prompt != "auto"
                                    else ("plain" if args.reward == "grpo" else "reflect")]
     base, adapter = common.resolve_model(args.model)
+    lora_r = args.lora_r or (16 if adapter or args.load_in_4bit else 0)  # 4-bit weights train only via LoRA
+    # Full fine-tuning keeps fp32 master weights (at lr 1e-6, bf16 weights would round most updates
+    # away); a LoRA base is frozen and DeepSpeed keeps its own fp32 masters, so those load in bf16.
+    dtype = "float32"
+    if on_gpu and (lora_r or accelerator.distributed_type == DistributedType.DEEPSPEED):
+        dtype = "bfloat16" if half == "bf16" else "float16"
     model, processor = common.load_policy(
-        base, adapter_path=adapter, lora_r=args.lora_r or (16 if adapter else 0), load_in_4bit=args.load_in_4bit,
+        base, dtype=dtype, adapter_path=adapter, lora_r=lora_r, load_in_4bit=args.load_in_4bit,
         freeze_vision=args.freeze_vision, gradient_checkpointing=args.gradient_checkpointing,
         device=str(accelerator.device))
     ref_model = None
@@ -335,9 +344,10 @@ def main(args: Args):
         group = repeat_for_group(enc, G, vision_start)  # (P*G, Lp)
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.eval()
-        completion, mask, texts = common.generate(unwrapped, processor, group, max_new_tokens=args.max_new_tokens,
-                                                  temperature=args.temperature, top_p=args.top_p,
-                                                  min_new_tokens=args.min_new_tokens)
+        with accelerator.autocast():
+            completion, mask, texts = common.generate(unwrapped, processor, group, max_new_tokens=args.max_new_tokens,
+                                                      temperature=args.temperature, top_p=args.top_p,
+                                                      min_new_tokens=args.min_new_tokens)
         t_gen = time.time() - t0
 
         # 2. Rewards (Eqs. 4-8): every response against its OWN prompt's gold answer.
@@ -363,7 +373,7 @@ def main(args: Args):
         # 4. Old (and reference) log-probs, no gradient. With mu = 1 the policy has not moved since
         # sampling, so pi_old = pi_theta: the first (only) pass uses its own detached log-probs.
         model.train()
-        with torch.no_grad():
+        with torch.no_grad(), accelerator.autocast():
             old_logp = None
             if args.mu > 1:
                 old_logp = token_logprobs(model, train, comp, args.temperature, args.micro_batch, vision_start)

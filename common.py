@@ -113,7 +113,7 @@ def load_policy(model_path, *, dtype="auto", load_in_4bit=False, lora_r=0, lora_
     """Load (model, processor) from a local directory or hub id.
 
     dtype: "auto" = bf16 on a GPU, fp32 on a CPU; or "bfloat16" / "float16" / "float32".
-    load_in_4bit: bitsandbytes nf4 weights with bf16 compute (QLoRA); implies LoRA.
+    load_in_4bit: bitsandbytes nf4 weights with bf16 compute, all frozen (QLoRA: add lora_r > 0 to train).
     lora_r > 0: LoRA adapters (peft) on the language model's linear layers only.
     freeze_vision: the vision tower and projector get no gradient (the paper freezes them).
     adapter_path: load a saved LoRA adapter on top of `model_path` (trainable if lora_r > 0).
@@ -135,7 +135,6 @@ def load_policy(model_path, *, dtype="auto", load_in_4bit=False, lora_r=0, lora_
             # Patterns match module names from the start or as a suffix: "visual" alone matches nothing.
             llm_int8_skip_modules=["model.visual", "lm_head"])
         kwargs["device_map"] = {"": device if device != "cuda" else torch.cuda.current_device()}
-        lora_r = lora_r or 16
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_path, **kwargs)
     if not load_in_4bit:
         model.to(device)
@@ -147,15 +146,14 @@ def load_policy(model_path, *, dtype="auto", load_in_4bit=False, lora_r=0, lora_
         model.config.use_cache = False
     if load_in_4bit:
         _fix_bnb_cpu(model)
+        for p in model.parameters():  # a 4-bit model trains only through adapters: norms, embeddings frozen
+            p.requires_grad_(False)
     if adapter_path or lora_r:
         from peft import LoraConfig, PeftModel, get_peft_model
 
         if adapter_path:
             model = PeftModel.from_pretrained(model, adapter_path, is_trainable=lora_r > 0)
         else:
-            if load_in_4bit:
-                for p in model.parameters():  # keep norms/embeddings frozen; only adapters train
-                    p.requires_grad_(False)
             model = get_peft_model(model, LoraConfig(
                 r=lora_r, lora_alpha=lora_alpha or 2 * lora_r, lora_dropout=lora_dropout,
                 target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))

@@ -235,7 +235,10 @@ def test_sft_forward_loss_and_vision_gradients(tiny_model_dir, freeze_vision):
 
 def test_4bit_lora_train_generate_train_on_cpu(tiny_model_dir):
     bnb = pytest.importorskip("bitsandbytes")
-    model, processor = common.load_policy(tiny_model_dir, load_in_4bit=True, device="cpu")
+    frozen, _ = common.load_policy(tiny_model_dir, load_in_4bit=True, device="cpu")  # inference: no adapters
+    assert not hasattr(frozen, "peft_config") and not any(p.requires_grad for p in frozen.parameters())
+    del frozen
+    model, processor = common.load_policy(tiny_model_dir, load_in_4bit=True, lora_r=16, device="cpu")
     base = model.get_base_model()
     quantised = [n for n, m in base.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert quantised and all("language_model" in n for n in quantised)  # vision tower and lm_head stay full
