@@ -15,14 +15,12 @@ Writes the model, tokenizer and processor (safetensors + configs, loadable with
 import json
 import os
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 import common
-import rewards
 import toy
 
 
@@ -53,19 +51,6 @@ class Args:
     """torch threads (0 = torch's default)"""
 
 
-def evaluate_toy(model, processor, ds, system_prompt, max_new_tokens=48, batch_size=64, desc="eval"):
-    """Greedy accuracy of the final answer on a toy dataset, overall and per family."""
-    texts = common.generate_responses(model, processor, ds["question"], ds["image"], system_prompt=system_prompt,
-                                      max_new_tokens=max_new_tokens, batch_size=batch_size, desc=desc)
-    per = defaultdict(list)
-    for row, text in zip(ds, texts):
-        ok = rewards.is_correct(rewards.extract_answer(text) or "", row["answer"], row["choices"] or None)
-        per[row["family"]].append(ok)
-    acc = {f: sum(v) / len(v) for f, v in sorted(per.items())}
-    acc["all"] = sum(sum(v) for v in per.values()) / len(texts)
-    return acc, texts
-
-
 def main(args: Args):
     common.seed_everything(args.seed)
     if args.threads:
@@ -79,7 +64,6 @@ def main(args: Args):
           f"({sum(p.numel() for p in model.model.visual.parameters()) / 1e6:.2f}M vision), vocab {len(tokenizer)}")
 
     train = toy.toy_dataset("train", args.train_size, seed=args.seed)
-    test = toy.toy_dataset("test", args.eval_size)
     system = common.SYSTEM_PROMPTS["plain"]
     # The vision tower is trained here (it starts from random weights); later stages freeze it.
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
@@ -106,7 +90,8 @@ def main(args: Args):
     train_s = time.time() - t0
 
     common.save_model(model, processor, args.out_dir)
-    acc, _ = evaluate_toy(model, processor, test, system)
+    ev, _ = common.evaluate_toy(model, processor, n=args.eval_size, style="plain")
+    acc = {**ev["per_family"], "all": ev["final_correct"]}
     result = {"accuracy": acc, "parameters": n_params, "build_seconds": round(train_s, 1), "seed": args.seed,
               "steps": args.steps}
     with open(os.path.join(args.out_dir, "eval.json"), "w") as f:

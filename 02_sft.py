@@ -73,7 +73,6 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import common
-import rewards
 
 
 @dataclass
@@ -252,27 +251,6 @@ def target_ce_sum(model, batch):
 # Before/after check on toy test problems
 
 
-def evaluate_toy(model, processor, *, n, style, max_new_tokens, batch_size, desc):
-    """Greedy answers to n toy test problems: share well-formed, first and final answer accuracy."""
-    import toy
-
-    test = toy.toy_dataset("test", n)
-    texts = common.generate_responses(model, processor, test["question"], test["image"],
-                                      system_prompt=common.SYSTEM_PROMPTS[style], max_new_tokens=max_new_tokens,
-                                      batch_size=batch_size, desc=desc)
-    # Well-formed = the layout the data teaches: the reflective layout (paper R_format) or plain CoT.
-    variant = "paper" if style == "reflect" else "grpo"
-    scores = [rewards.srpo_reward(t, row["answer"], variant=variant, choices=row["choices"] or None)
-              for t, row in zip(texts, test)]
-    result = {"n": n, "well_formed": sum(s["format"] > 0 for s in scores) / n,
-              "has_reflection": sum(s["has_reflection"] for s in scores) / n,
-              "first_correct": sum(s["first_correct"] for s in scores) / n,
-              "final_correct": sum(s["final_correct"] for s in scores) / n}
-    samples = [{"id": row["id"], "answer": row["answer"], "response": t, **{k: s[k] for k in
-               ("format", "first_correct", "final_correct")}} for t, row, s in zip(texts, test, scores)]
-    return result, samples
-
-
 def eval_line(name, r):
     return (f"{name}: well-formed {r['well_formed']:.0%}, reflection {r['has_reflection']:.0%}, "
             f"first answer right {r['first_correct']:.0%}, final answer right {r['final_correct']:.0%} (n={r['n']})")
@@ -381,11 +359,11 @@ def main(args: Args):
     ckpt_dir = os.path.join(args.out_dir, "checkpoint")
     resuming = args.resume and os.path.isdir(ckpt_dir)
     if do_eval and is_main and not resuming:  # how the starting policy answers, for the before/after line
-        summary["before"], samples = evaluate_toy(model, processor, n=args.eval_size, style=style, desc="eval before",
+        summary["before"], samples = common.evaluate_toy(model, processor, n=args.eval_size, style=style, desc="eval before",
                                                   max_new_tokens=args.eval_max_new_tokens,
                                                   batch_size=args.eval_batch_size)
         if style != "plain":  # and in the plain CoT format it was trained on: its real skill
-            summary["before_plain"], _ = evaluate_toy(model, processor, n=args.eval_size, style="plain",
+            summary["before_plain"], _ = common.evaluate_toy(model, processor, n=args.eval_size, style="plain",
                                                       desc="eval before (plain)",
                                                       max_new_tokens=args.eval_max_new_tokens,
                                                       batch_size=args.eval_batch_size)
@@ -497,7 +475,7 @@ def main(args: Args):
                             title=f"SFT on {os.path.basename(args.data)}")
         summary.update(train_seconds=round(train_seconds, 1), first_loss=rows[0]["loss"], final_loss=rows[-1]["loss"])
         if do_eval:
-            summary["after"], samples = evaluate_toy(accelerator.unwrap_model(model), processor, n=args.eval_size,
+            summary["after"], samples = common.evaluate_toy(accelerator.unwrap_model(model), processor, n=args.eval_size,
                                                      style=style, max_new_tokens=args.eval_max_new_tokens,
                                                      batch_size=args.eval_batch_size, desc="eval after")
             with open(os.path.join(args.out_dir, "eval_samples.jsonl"), "a") as f:

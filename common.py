@@ -318,6 +318,38 @@ def generate_responses(model, processor, questions, images, *, system_prompt, ma
     return texts
 
 
+def evaluate_toy(model, processor, *, n, style, max_new_tokens=48, batch_size=64, desc="eval"):
+    """Greedy answers to the first n toy test problems, scored like the training reward.
+
+    Returns (result, samples). result: the shares well-formed (the layout `style` teaches: the
+    reflective one of R_format, or plain CoT), with a reflection, first and final answer right,
+    and `per_family` final accuracy. 04_eval.py is the full evaluation; this is the quick check
+    00 and 02 print.
+    """
+    from collections import defaultdict
+
+    import rewards
+    import toy
+
+    test = toy.toy_dataset("test", n)
+    texts = generate_responses(model, processor, test["question"], test["image"], system_prompt=SYSTEM_PROMPTS[style],
+                               max_new_tokens=max_new_tokens, batch_size=batch_size, desc=desc)
+    variant = "paper" if style == "reflect" else "grpo"
+    scores = [rewards.srpo_reward(t, row["answer"], variant=variant, choices=row["choices"] or None)
+              for t, row in zip(texts, test)]
+    per = defaultdict(list)
+    for row, s in zip(test, scores):
+        per[row["family"]].append(s["final_correct"])
+    result = {"n": n, "well_formed": sum(s["format"] > 0 for s in scores) / n,
+              "has_reflection": sum(s["has_reflection"] for s in scores) / n,
+              "first_correct": sum(s["first_correct"] for s in scores) / n,
+              "final_correct": sum(s["final_correct"] for s in scores) / n,
+              "per_family": {f: sum(v) / len(v) for f, v in sorted(per.items())}}
+    samples = [{"id": row["id"], "answer": row["answer"], "response": t, **{k: s[k] for k in
+               ("format", "first_correct", "final_correct")}} for t, row, s in zip(texts, test, scores)]
+    return result, samples
+
+
 # ----------------------------------------------------------------------------------------------
 # Files: JSONL logs, checkpoints, plots
 
@@ -350,15 +382,25 @@ def read_jsonl(path):
 
 
 def save_training_state(path, *, model, optimizer, scheduler, step, extra=None):
-    """Everything `--resume` needs: trainable weights, optimizer, scheduler, RNG states, step."""
-    os.makedirs(path, exist_ok=True)
+    """Everything `--resume` needs: trainable weights, optimizer, scheduler, RNG states, step.
+
+    Written to `path.tmp` and swapped in when complete, so a crash while saving leaves the previous
+    checkpoint whole.
+    """
+    import shutil
+
     from safetensors.torch import save_file
 
+    tmp = path.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
     trainable = {n: p.detach().cpu().contiguous() for n, p in unwrap(model).named_parameters() if p.requires_grad}
-    save_file(trainable, os.path.join(path, "trainable.safetensors"))
+    save_file(trainable, os.path.join(tmp, "trainable.safetensors"))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
                 "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
-                "extra": extra or {}}, os.path.join(path, "state.pt"))
+                "extra": extra or {}}, os.path.join(tmp, "state.pt"))
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
 
 
 def load_training_state(path, *, model, optimizer, scheduler):

@@ -347,3 +347,25 @@ def test_base_model_stage_outputs(base_model_dir):
     assert [r["step"] for r in log] == list(range(steps))
     assert all(math.isfinite(r["loss"]) for r in log)
     assert sum(r["loss"] for r in log[-10:]) < sum(r["loss"] for r in log[:10])  # it learned something
+
+
+def test_training_state_survives_a_crash_while_saving(tmp_path, monkeypatch):
+    """A crash while a checkpoint is written leaves the previous one whole and loadable."""
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    sched = common.cosine_schedule(opt, 1, 10)
+    path = str(tmp_path / "checkpoint")
+    common.save_training_state(path, model=model, optimizer=opt, scheduler=sched, step=1)
+    saved = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+
+    def crash(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        common.save_training_state(path, model=model, optimizer=opt, scheduler=sched, step=2)
+    monkeypatch.undo()
+    step, _ = common.load_training_state(path, model=model, optimizer=opt, scheduler=sched)
+    assert step == 1 and torch.equal(model.weight, saved)
