@@ -267,12 +267,11 @@ def save_checkpoint(accelerator, path, *, model, optimizer, scheduler, step, ext
         if accelerator.is_main_process:
             with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
                 json.dump({"step": step, "extra": extra}, f)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:  # swap in the new checkpoint only once it is complete
+            common.swap_in(tmp, path)
     elif accelerator.is_main_process:  # DDP/single: every process holds the same weights, write once
-        common.save_training_state(tmp, model=model, optimizer=optimizer, scheduler=scheduler, step=step, extra=extra)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:  # swap in the new checkpoint only once it is complete
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+        common.save_training_state(path, model=model, optimizer=optimizer, scheduler=scheduler, step=step, extra=extra)
     accelerator.wait_for_everyone()
 
 
@@ -357,7 +356,8 @@ def main(args: Args):
     do_eval = args.eval_size > 0 and common.is_toy_dir(base) and not sharded
     summary = {"args": asdict(args), "rows": len(ds), "steps": total_steps, "trainable_parameters": n_train}
     ckpt_dir = os.path.join(args.out_dir, "checkpoint")
-    resuming = args.resume and os.path.isdir(ckpt_dir)
+    found = common.find_checkpoint(ckpt_dir) if args.resume else None
+    resuming = found is not None
     if do_eval and is_main and not resuming:  # how the starting policy answers, for the before/after line
         summary["before"], samples = common.evaluate_toy(model, processor, n=args.eval_size, style=style, desc="eval before",
                                                   max_new_tokens=args.eval_max_new_tokens,
@@ -382,14 +382,14 @@ def main(args: Args):
     # ---- resume: weights, optimizer, scheduler, RNG and the data position
     step, metrics_path = 0, os.path.join(args.out_dir, "metrics.jsonl")
     if resuming:
-        step, extra = load_checkpoint(accelerator, ckpt_dir, model=model, optimizer=optimizer, scheduler=scheduler,
+        step, extra = load_checkpoint(accelerator, found, model=model, optimizer=optimizer, scheduler=scheduler,
                                       sharded=sharded)
         if extra.get("steps_per_epoch") != steps_per_epoch or extra.get("total_steps") != total_steps:
-            raise ValueError(f"{ckpt_dir}: written with {extra.get('steps_per_epoch')} steps per epoch and "
+            raise ValueError(f"{found}: written with {extra.get('steps_per_epoch')} steps per epoch and "
                              f"{extra.get('total_steps')} steps; now {steps_per_epoch} and {total_steps} "
                              "(same --data, --batch_size, --epochs and --max_steps are needed to resume)")
         summary.update({k: extra[k] for k in ("before", "before_plain") if k in extra})
-        log(f"resumed from {ckpt_dir} at step {step} (epoch {extra['epoch']}, batch {extra['batch_in_epoch']})")
+        log(f"resumed from {found} at step {step} (epoch {extra['epoch']}, batch {extra['batch_in_epoch']})")
         if is_main:  # drop metric rows past the checkpoint: those steps are redone
             rows = [r for r in common.read_jsonl(metrics_path) if r["step"] <= step]
             with open(metrics_path, "w") as f:
@@ -399,7 +399,8 @@ def main(args: Args):
     if not resuming and is_main:  # a fresh run replaces an earlier run's log and checkpoint
         if os.path.exists(metrics_path):
             os.remove(metrics_path)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        for p in (ckpt_dir, ckpt_dir + ".old"):
+            shutil.rmtree(p, ignore_errors=True)
 
     # ---- training loop: one iteration = one optimizer step over the effective batch
     model.train()

@@ -23,6 +23,7 @@ import contextlib
 import copy
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 
@@ -273,7 +274,7 @@ def main(args: Args):
 
     # No GPU: gloo on the CPU (`accelerate launch --multi_gpu --num_processes 2` runs 2 CPU processes).
     # On a GPU: bf16 autocast (fp16 where bf16 is missing), as in 02.
-    on_gpu = torch.cuda.is_available()
+    on_gpu = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true", "yes")
     half = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if on_gpu else "no"
     accelerator = Accelerator(cpu=not on_gpu, mixed_precision=half)
     rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
@@ -294,6 +295,8 @@ def main(args: Args):
     ref_model = None
     if args.kl_coef > 0 and not hasattr(model, "peft_config"):
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # LoRA: adapters off instead
+        if on_gpu:  # frozen: no fp32 master copy needed; its pass runs under autocast anyway
+            ref_model.to(torch.bfloat16 if half == "bf16" else torch.float16)
     tok = processor.tokenizer
     vision_start = tok.convert_tokens_to_ids("<|vision_start|>")
     count_tokens = lambda s: len(tok(s, add_special_tokens=False).input_ids)  # noqa: E731
@@ -311,18 +314,21 @@ def main(args: Args):
     metrics_path, samples_path = os.path.join(args.out_dir, "metrics.jsonl"), os.path.join(args.out_dir, "samples.jsonl")
     ckpt = os.path.join(args.out_dir, "checkpoint")
     start = 0
-    if args.resume and os.path.isdir(ckpt):
-        start, _ = common.load_training_state(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
-        accelerator.print(f"resumed from {ckpt} at step {start}")
+    found = common.find_checkpoint(ckpt) if args.resume else None
+    if found:
+        start, _ = common.load_training_state(found, model=model, optimizer=optimizer, scheduler=scheduler)
+        accelerator.print(f"resumed from {found} at step {start}")
         if is_main:  # drop rows logged after the checkpoint by the interrupted run
             rows = [r for r in common.read_jsonl(metrics_path) if r["step"] <= start]
             os.remove(metrics_path)
             for r in rows:
                 common.append_jsonl(metrics_path, r)
-    elif is_main:
+    elif is_main:  # a fresh run replaces an earlier run's logs and checkpoint
         for p in (metrics_path, samples_path):
             if os.path.exists(p):
                 os.remove(p)
+        for p in (ckpt, ckpt + ".old"):
+            shutil.rmtree(p, ignore_errors=True)
     if is_main:
         common.append_jsonl(os.path.join(args.out_dir, "config.jsonl"), {"start": start, **asdict(args)})
     accelerator.print(f"GRPO on {accelerator.device}, processes: {world}, {len(prompts)} prompts, "

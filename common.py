@@ -11,6 +11,7 @@ import inspect
 import json
 import os
 import random
+import shutil
 import textwrap
 
 import numpy as np
@@ -387,8 +388,6 @@ def save_training_state(path, *, model, optimizer, scheduler, step, extra=None):
     Written to `path.tmp` and swapped in when complete, so a crash while saving leaves the previous
     checkpoint whole.
     """
-    import shutil
-
     from safetensors.torch import save_file
 
     tmp = path.rstrip("/") + ".tmp"
@@ -399,8 +398,26 @@ def save_training_state(path, *, model, optimizer, scheduler, step, extra=None):
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
                 "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
                 "extra": extra or {}}, os.path.join(tmp, "state.pt"))
-    shutil.rmtree(path, ignore_errors=True)
+    swap_in(tmp, path)
+
+
+def swap_in(tmp, path):
+    """Replace folder `path` by the complete folder `tmp`. The old one is renamed aside first, so at
+    every moment one whole checkpoint exists under `path` or `path.old` (see find_checkpoint)."""
+    old = path.rstrip("/") + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(path):
+        os.replace(path, old)
     os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(path):
+    """`path` if it holds a checkpoint, else the `path.old` a crash inside swap_in left, else None."""
+    for p in (path, path.rstrip("/") + ".old"):
+        if os.path.isdir(p):
+            return p
+    return None
 
 
 def load_training_state(path, *, model, optimizer, scheduler):

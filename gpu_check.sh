@@ -24,5 +24,7 @@ print('python', sys.version.split()[0], '| torch', torch.__version__, '| transfo
       '| torchvision', torchvision.__version__, '|', torch.cuda.get_device_name())"
   left=$((405 - ($(date +%s) - start)))  # seconds left of the ~7 minutes
   timeout -k 5 $((left - 5)) python3 bench_gpu.py --budget_s $((left - 20)) --out "$OUT" "$@"
-  echo "gpu_check.sh: bench_gpu.py exit code $?, $(($(date +%s) - start)) s in all"
+  rc=$?
+  echo "gpu_check.sh: bench_gpu.py exit code $rc, $(($(date +%s) - start)) s in all"
+  exit $rc
 } 2>&1 | tee "$OUT/log"

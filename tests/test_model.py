@@ -369,3 +369,25 @@ def test_training_state_survives_a_crash_while_saving(tmp_path, monkeypatch):
     monkeypatch.undo()
     step, _ = common.load_training_state(path, model=model, optimizer=opt, scheduler=sched)
     assert step == 1 and torch.equal(model.weight, saved)
+
+
+def test_a_crash_inside_the_swap_leaves_the_old_checkpoint_findable(tmp_path, monkeypatch):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    sched = common.cosine_schedule(opt, 1, 10)
+    path = str(tmp_path / "checkpoint")
+    common.save_training_state(path, model=model, optimizer=opt, scheduler=sched, step=1)
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):  # the first rename (old checkpoint aside) happens; the process dies before the second
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        common.save_training_state(path, model=model, optimizer=opt, scheduler=sched, step=2)
+    monkeypatch.undo()
+    assert not os.path.exists(path) and common.find_checkpoint(path) == path + ".old"
+    assert common.load_training_state(path + ".old", model=model, optimizer=opt, scheduler=sched)[0] == 1
