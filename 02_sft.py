@@ -69,7 +69,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm.auto import tqdm
 
 import common
@@ -172,22 +171,6 @@ def load_sft_data(path):
     return ds
 
 
-def load_image(root, rel_path, max_pixels, where):
-    """RGB image from a path relative to the JSONL's folder, downscaled to at most max_pixels."""
-    if rel_path is None:
-        return None
-    path = os.path.join(root, rel_path)
-    try:
-        image = Image.open(path).convert("RGB")
-    except OSError as e:
-        raise ValueError(f"{where}: field 'image': cannot read {path} ({e})") from e
-    w, h = image.size
-    if max_pixels and w * h > max_pixels:
-        scale = math.sqrt(max_pixels / (w * h))
-        image = image.resize((max(28, int(w * scale)), max(28, int(h * scale))), Image.BICUBIC)
-    return image
-
-
 def encode_rows(processor, rows, *, root, data_path="", max_pixels=0, max_len=0):
     """A right-padded training batch with Eq. (1) labels for a list of SFT rows.
 
@@ -200,7 +183,7 @@ def encode_rows(processor, rows, *, root, data_path="", max_pixels=0, max_len=0)
         groups.setdefault(row["prompt_style"], []).append(row)
     parts = []
     for style, group in groups.items():
-        images = [load_image(root, r["image"], max_pixels, f"{data_path}: row id {r['id']!r}") for r in group]
+        images = [common.load_image(root, r["image"], max_pixels, f"{data_path}: row id {r['id']!r}") for r in group]
         parts.append(common.encode_sft(processor, [r["question"] for r in group], images,
                                        [r["response"] for r in group], common.SYSTEM_PROMPTS[style]))
     batch = parts[0] if len(parts) == 1 else concat_batches(parts, processor.tokenizer.pad_token_id)
@@ -335,12 +318,10 @@ def main(args: Args):
 
     # ---- model: full fine-tuning in fp32 master weights (bf16 autocast on GPU); frozen bases in bf16
     base, adapter = common.resolve_model(args.model)
-    dtype = "float32"
-    if on_gpu and (args.lora_r or args.load_in_4bit or accelerator.distributed_type == DistributedType.DEEPSPEED):
-        # LoRA: the base is frozen (peft keeps adapters in fp32); DeepSpeed keeps its own fp32 masters
-        dtype = "bfloat16" if bf16 else "float16"
+    lora_r = args.lora_r or (16 if args.load_in_4bit else 0)  # 4-bit weights train only via LoRA
+    dtype = common.training_dtype(accelerator, frozen_base=bool(lora_r))
     model, processor = common.load_policy(
-        base, dtype=dtype, load_in_4bit=args.load_in_4bit, lora_r=args.lora_r or (16 if args.load_in_4bit else 0), lora_alpha=args.lora_alpha or None,
+        base, dtype=dtype, load_in_4bit=args.load_in_4bit, lora_r=lora_r, lora_alpha=args.lora_alpha or None,
         freeze_vision=args.freeze_vision, gradient_checkpointing=args.gradient_checkpointing,
         device=str(accelerator.device), adapter_path=adapter)
     trainable = [p for p in model.parameters() if p.requires_grad]

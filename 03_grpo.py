@@ -236,22 +236,15 @@ def load_prompts(args):
         return [{"id": r["id"], "question": r["question"], "answer": r["answer"], "choices": r["choices"],
                  "image": r["image"]} for r in ds]
     # A local JSONL in the layout 01 writes: question, answer, choices, image (path relative to the file).
-    from PIL import Image
-
     if not os.path.isfile(args.data):
         raise FileNotFoundError(f"--data {args.data!r}: not 'toy' and no such file")
     root, prompts = os.path.dirname(os.path.abspath(args.data)), []
     for i, r in enumerate(common.read_jsonl(args.data)):
+        where = f"{args.data}: row {i + 1} (id {r.get('id')!r})"
         missing = [k for k in ("question", "answer") if not str(r.get(k) or "").strip()]
         if missing:
-            raise ValueError(f"{args.data}: row {i + 1} (id {r.get('id')!r}) has no {', '.join(missing)}")
-        image = None
-        if r.get("image"):
-            path = os.path.join(root, r["image"])
-            try:
-                image = Image.open(path).convert("RGB")
-            except OSError as e:
-                raise ValueError(f"{args.data}: row {i + 1} (id {r.get('id')!r}) field 'image': cannot read {path}: {e}") from e
+            raise ValueError(f"{where} has no {', '.join(missing)}")
+        image = common.load_image(root, r.get("image") or None, where=where)
         prompts.append({"id": str(r.get("id", i)), "question": r["question"], "answer": str(r["answer"]),
                         "choices": r.get("choices") or [], "image": image})
     return prompts
@@ -270,11 +263,12 @@ def step_prompts(prompts, step, n, seed, rank, world):
 
 
 def main(args: Args):
-    from accelerate import Accelerator, DistributedType
+    from accelerate import Accelerator
+    from accelerate.utils import parse_flag_from_env
 
     # No GPU: gloo on the CPU (`accelerate launch --multi_gpu --num_processes 2` runs 2 CPU processes).
     # On a GPU: bf16 autocast (fp16 where bf16 is missing), as in 02.
-    on_gpu = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true", "yes")
+    on_gpu = torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU")
     half = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if on_gpu else "no"
     accelerator = Accelerator(cpu=not on_gpu, mixed_precision=half)
     rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
@@ -283,20 +277,15 @@ def main(args: Args):
                                    else ("plain" if args.reward == "grpo" else "reflect")]
     base, adapter = common.resolve_model(args.model)
     lora_r = args.lora_r or (16 if adapter or args.load_in_4bit else 0)  # 4-bit weights train only via LoRA
-    # Full fine-tuning keeps fp32 master weights (at lr 1e-6, bf16 weights would round most updates
-    # away); a LoRA base is frozen and DeepSpeed keeps its own fp32 masters, so those load in bf16.
-    dtype = "float32"
-    if on_gpu and (lora_r or accelerator.distributed_type == DistributedType.DEEPSPEED):
-        dtype = "bfloat16" if half == "bf16" else "float16"
     model, processor = common.load_policy(
-        base, dtype=dtype, adapter_path=adapter, lora_r=lora_r, load_in_4bit=args.load_in_4bit,
-        freeze_vision=args.freeze_vision, gradient_checkpointing=args.gradient_checkpointing,
-        device=str(accelerator.device))
+        base, dtype=common.training_dtype(accelerator, frozen_base=bool(lora_r)), adapter_path=adapter,
+        lora_r=lora_r, load_in_4bit=args.load_in_4bit, freeze_vision=args.freeze_vision,
+        gradient_checkpointing=args.gradient_checkpointing, device=str(accelerator.device))
     ref_model = None
     if args.kl_coef > 0 and not hasattr(model, "peft_config"):
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # LoRA: adapters off instead
-        if on_gpu:  # frozen: no fp32 master copy needed; its pass runs under autocast anyway
-            ref_model.to(torch.bfloat16 if half == "bf16" else torch.float16)
+        # frozen: no fp32 master copy needed (on a GPU its pass runs under autocast anyway)
+        ref_model.to(getattr(torch, common.training_dtype(accelerator, frozen_base=True)))
     tok = processor.tokenizer
     vision_start = tok.convert_tokens_to_ids("<|vision_start|>")
     count_tokens = lambda s: len(tok(s, add_special_tokens=False).input_ids)  # noqa: E731

@@ -9,6 +9,7 @@ import ast
 import dataclasses
 import inspect
 import json
+import math
 import os
 import random
 import shutil
@@ -317,6 +318,37 @@ def generate_responses(model, processor, questions, images, *, system_prompt, ma
         batch = encode_prompts(processor, questions[i:i + batch_size], images[i:i + batch_size], system_prompt)
         texts += generate(model, processor, batch, max_new_tokens=max_new_tokens, temperature=temperature)[2]
     return texts
+
+
+def training_dtype(accelerator, frozen_base):
+    """Weights dtype for training: fp32 master weights for full fine-tuning (at lr 1e-6, bf16 weights
+    would round most updates away), also on a GPU where the passes run under bf16 autocast. A frozen
+    base (LoRA: peft keeps the adapters in fp32) and DeepSpeed (it keeps its own fp32 masters) load
+    in the autocast dtype on a GPU."""
+    from accelerate import DistributedType
+
+    if accelerator.device.type == "cuda" and (frozen_base or accelerator.distributed_type == DistributedType.DEEPSPEED):
+        return {"bf16": "bfloat16", "fp16": "float16"}[accelerator.mixed_precision]
+    return "float32"
+
+
+def load_image(root, rel_path, max_pixels=0, where=""):
+    """RGB image from a path relative to a JSONL's folder (None stays None), downscaled to at most
+    max_pixels (0 = as it is). A file that cannot be read is a ValueError naming `where`."""
+    from PIL import Image
+
+    if rel_path is None:
+        return None
+    path = os.path.join(root, rel_path)
+    try:
+        image = Image.open(path).convert("RGB")
+    except OSError as e:
+        raise ValueError(f"{where}: field 'image': cannot read {path} ({e})") from e
+    w, h = image.size
+    if max_pixels and w * h > max_pixels:
+        scale = math.sqrt(max_pixels / (w * h))
+        image = image.resize((max(28, int(w * scale)), max(28, int(h * scale))), Image.BICUBIC)
+    return image
 
 
 def evaluate_toy(model, processor, *, n, style, max_new_tokens=48, batch_size=64, desc="eval"):

@@ -349,13 +349,20 @@ def test_base_model_stage_outputs(base_model_dir):
     assert sum(r["loss"] for r in log[-10:]) < sum(r["loss"] for r in log[:10])  # it learned something
 
 
-def test_training_state_survives_a_crash_while_saving(tmp_path, monkeypatch):
-    """A crash while a checkpoint is written leaves the previous one whole and loadable."""
+def _checkpoint_at_step_1(tmp_path):
+    """A tiny model, optimizer and scheduler (as save_training_state's keywords), saved at step 1."""
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
-    sched = common.cosine_schedule(opt, 1, 10)
+    state = dict(model=model, optimizer=opt, scheduler=common.cosine_schedule(opt, 1, 10))
     path = str(tmp_path / "checkpoint")
-    common.save_training_state(path, model=model, optimizer=opt, scheduler=sched, step=1)
+    common.save_training_state(path, step=1, **state)
+    return state, path
+
+
+def test_training_state_survives_a_crash_while_saving(tmp_path, monkeypatch):
+    """A crash while a checkpoint is written leaves the previous one whole and loadable."""
+    state, path = _checkpoint_at_step_1(tmp_path)
+    model = state["model"]
     saved = model.weight.detach().clone()
     with torch.no_grad():
         model.weight.add_(1.0)
@@ -365,18 +372,14 @@ def test_training_state_survives_a_crash_while_saving(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError):
-        common.save_training_state(path, model=model, optimizer=opt, scheduler=sched, step=2)
+        common.save_training_state(path, step=2, **state)
     monkeypatch.undo()
-    step, _ = common.load_training_state(path, model=model, optimizer=opt, scheduler=sched)
+    step, _ = common.load_training_state(path, **state)
     assert step == 1 and torch.equal(model.weight, saved)
 
 
 def test_a_crash_inside_the_swap_leaves_the_old_checkpoint_findable(tmp_path, monkeypatch):
-    model = torch.nn.Linear(3, 2)
-    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
-    sched = common.cosine_schedule(opt, 1, 10)
-    path = str(tmp_path / "checkpoint")
-    common.save_training_state(path, model=model, optimizer=opt, scheduler=sched, step=1)
+    state, path = _checkpoint_at_step_1(tmp_path)
     real_replace, calls = os.replace, []
 
     def replace(src, dst):  # the first rename (old checkpoint aside) happens; the process dies before the second
@@ -387,7 +390,7 @@ def test_a_crash_inside_the_swap_leaves_the_old_checkpoint_findable(tmp_path, mo
 
     monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(KeyboardInterrupt):
-        common.save_training_state(path, model=model, optimizer=opt, scheduler=sched, step=2)
+        common.save_training_state(path, step=2, **state)
     monkeypatch.undo()
     assert not os.path.exists(path) and common.find_checkpoint(path) == path + ".old"
-    assert common.load_training_state(path + ".old", model=model, optimizer=opt, scheduler=sched)[0] == 1
+    assert common.load_training_state(path + ".old", **state)[0] == 1
