@@ -47,7 +47,6 @@ Rows load with datasets.load_dataset("json", data_files=...) and read images rel
 
 import base64
 import http.client
-import io
 import json
 import os
 import random
@@ -62,7 +61,6 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 import common
@@ -71,27 +69,13 @@ import toy
 
 
 @dataclass
-class Args:
+class Args(common.DataArgs):
     """Stage 1a: policy answers -> 30/70 right/wrong selection -> teacher reflections -> SFT JSONL."""
 
     model: str = "runs/toy/base"
     """policy model: local dir, LoRA output dir or hub id"""
-    data: str = "toy"
-    """'toy', a Hugging Face dataset id, or a local .jsonl/.json/.parquet file"""
-    split: str = "train"
-    """dataset split (toy: train or test)"""
     pool_size: int = 1200
     """problems the policy answers, a seeded sample of the data (the paper: ~100K); 0 = all"""
-    image_column: str = "image"
-    """column with the image: an Image feature, or a file path (relative to a local data file)"""
-    question_column: str = "question"
-    """column with the question text"""
-    answer_column: str = "answer"
-    """column with the gold answer"""
-    choices_column: str = "choices"
-    """column with the list of option texts, in A, B, C order ('' = none)"""
-    id_column: str = "id"
-    """column with a unique row id ('' = number the rows)"""
     out_dir: str = "runs/toy/reflect"
     """where answers, the SFT sets, images and stats are written"""
     seed: int = 0
@@ -158,10 +142,6 @@ TASK_WRONG = "The answer is wrong: find the first error, explain it, and revise 
 REASK = 'That was not valid. Reply with only a JSON object of the form {"reflection": "..."} and nothing else.'
 
 
-class BadRow(Exception):
-    """A pool row that cannot be used: BadRow(reason, detail). Reported with its id and skipped."""
-
-
 class TeacherError(Exception):
     """One item failed at the teacher (counted as a teacher failure; a rerun tries it again)."""
 
@@ -202,78 +182,18 @@ def scrub(text) -> str:
 # 1. Problems
 
 
-def load_pool(args):
-    """The problem pool as a `datasets.Dataset` (images left undecoded) and the folder image paths are relative to."""
-    import datasets
-
-    base_dir = "."
-    if args.data == "toy":
-        ds = toy.toy_dataset(args.split, args.pool_size or 1200, seed=args.seed)
-    elif os.path.isfile(args.data):
-        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(os.path.splitext(args.data)[1])
-        if kind is None:
-            raise ValueError(f"{args.data}: expected a .jsonl, .json or .parquet file")
-        ds = datasets.load_dataset(kind, data_files=args.data, split="train")
-        base_dir = os.path.dirname(os.path.abspath(args.data))
-    else:
-        ds = datasets.load_dataset(args.data, split=args.split)
-    columns = {"image": args.image_column, "question": args.question_column, "answer": args.answer_column,
-               "choices": args.choices_column, "id": args.id_column}
-    missing = [f"--{k}_column {v!r}" for k, v in columns.items() if v and v not in ds.column_names]
-    if missing:
-        raise ValueError(f"{args.data}: no column for {', '.join(missing)}; the columns found are "
-                         f"{ds.column_names}")
-    if isinstance(ds.features[args.image_column], datasets.Image):
-        ds = ds.cast_column(args.image_column, datasets.Image(decode=False))  # decode batch by batch, catching bad ones
-    if args.pool_size and len(ds) > args.pool_size:
-        ds = ds.shuffle(seed=args.seed).select(range(args.pool_size))
-    return ds, base_dir
+def screen_pool(ds, args):
+    """The paper keeps only problems whose gold answer is a letter or a number (Stage 1a, step 1)."""
+    return common.screen_problems(
+        ds, args, gold_problem=lambda gold: None if GOLD_RE.fullmatch(gold) else "gold is not a letter or a number")
 
 
-def screen_rows(ds, args):
-    """Checks that need no image. Returns (problems, skipped): problems keep their pool row index.
-
-    The toy's structured `solution` is carried along when present (the oracle teacher needs it).
-    """
-    cols = [c for c in (args.id_column, args.question_column, args.answer_column, args.choices_column, "solution")
-            if c and c in ds.column_names]
-    problems, skipped, seen = [], [], set()
-    for i, r in enumerate(ds.select_columns(cols).to_list()):
-        pid = re.sub(r"[^\w.-]", "_", str(r[args.id_column])) if args.id_column else f"row{i}"  # safe as a file name
-        question = r[args.question_column] if isinstance(r[args.question_column], str) else ""
-        gold = str(r[args.answer_column]).strip() if r[args.answer_column] is not None else ""
-        reason, detail = (("duplicate id", "") if pid in seen else ("empty question", "") if not question.strip()
-                          else ("gold is not a letter or a number", f"gold {gold!r}") if not GOLD_RE.fullmatch(gold)
-                          else (None, ""))
-        if reason:
-            skipped.append({"id": pid, "row": i, "reason": reason, "detail": detail})
-            continue
-        seen.add(pid)
-        p = {"id": pid, "row": i, "question": question.strip(), "answer": gold,
-             "choices": [str(c) for c in (r[args.choices_column] or [])] if args.choices_column else []}
-        if "solution" in r:
-            p["solution"] = r["solution"]
-        problems.append(p)
-    return problems, skipped
-
-
-def open_image(value, base_dir) -> Image.Image:
-    """An RGB image from a dataset cell: an undecoded Image feature ({bytes, path}), a PIL image or a path."""
-    if isinstance(value, Image.Image):
-        return value.convert("RGB")
-    if isinstance(value, dict):
-        value = io.BytesIO(value["bytes"]) if value.get("bytes") else value.get("path")
-    if value is None or (isinstance(value, str) and not value.strip()):
-        raise BadRow("missing image", "no image in the row")
-    if isinstance(value, str):
-        value = value if os.path.isabs(value) else os.path.join(base_dir, value)
-        if not os.path.isfile(value):
-            raise BadRow("missing image", f"no file {value}")
-    try:
-        with Image.open(value) as im:
-            return im.convert("RGB")
-    except Exception as e:  # noqa: BLE001 (PIL raises many kinds of errors on a broken file)
-        raise BadRow("unreadable image", f"{type(e).__name__}: {e}") from e
+def open_image(value, base_dir):
+    """A pool row's image; a row without one cannot be used here (the teacher and SFT rows need it)."""
+    image = common.open_image(value, base_dir)
+    if image is None:
+        raise common.ImageError("missing image", "no image in the row")
+    return image
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,9 +222,9 @@ def answer_pool(args, ds, base_dir, problems, answers_path, skipped_path):
             try:
                 pils.append(open_image(images[p["row"]][args.image_column], base_dir))
                 batch.append(p)
-            except BadRow as e:
+            except common.ImageError as e:
                 if p["id"] not in done:
-                    reason, detail = e.args
+                    reason, detail = e.reason, str(e)
                     tqdm.write(f"skipping row {p['id']}: {reason} ({detail})")
                     common.append_jsonl(skipped_path, {"id": p["id"], "row": p["row"], "reason": reason,
                                                        "detail": detail})
@@ -535,11 +455,13 @@ def main(args: Args):
         repair_jsonl(path)
 
     # 1. Problems: drop rows with no question or a gold that is not a letter or a number.
-    ds, base_dir = load_pool(args)
+    if not args.image_column:
+        raise ValueError("01 needs --image_column: the teacher and the SFT rows work on the problem's image")
+    ds, base_dir = common.load_problems(args, args.pool_size, args.seed)
     if args.teacher == "oracle" and "solution" not in ds.column_names:
         raise ValueError("--teacher oracle only works on toy problems (it reads their `solution` column); "
                          "use --teacher openai or --teacher hf")
-    problems, skipped = screen_rows(ds, args)
+    problems, skipped = screen_pool(ds, args)
     known = {r["id"] for r in common.read_jsonl(paths["skipped"])}
     for s in skipped:
         if s["id"] not in known:

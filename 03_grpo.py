@@ -10,7 +10,7 @@ Toy (after 02, ~3 minutes on 2 CPU cores):
     python 03_grpo.py --reward grpo --model runs/toy/sft_cot --out_dir runs/toy/grpo   # plain-GRPO baseline
 Real scale (Qwen2.5-VL-7B after reflection SFT, 8 GPUs; authors' settings):
     accelerate launch --config_file configs/zero3.yaml 03_grpo.py --model runs/sft-7b \\
-        --data my_rl_prompts.jsonl --prompts_per_step 16 --group_size 8 --max_new_tokens 2048 \\
+        --data my-org/rl-prompts --prompts_per_step 16 --group_size 8 --max_new_tokens 2048 \\
         --lr 1e-6 --steps 500 --temperature 1.0 --max_pixels 262144
     (--prompts_per_step is per process: 8 x 16 = the paper's 128 prompts per rollout batch)
 One GPU, 4-bit QLoRA: python 03_grpo.py --model ... --load_in_4bit --lora_r 16
@@ -33,21 +33,20 @@ from tqdm.auto import tqdm
 
 import common
 import rewards
-import toy
 
 
 @dataclass
-class Args:
+class Args(common.DataArgs):
     """Reflection-aware GRPO (SRPO stage 2) on the toy task by default."""
 
     model: str = "runs/toy/sft"
     """policy to start from (02's output; a LoRA output directory works too)"""
     out_dir: str = "runs/toy/srpo"
     """where the trained policy, metrics and samples go"""
-    data: str = "toy"
-    """'toy', or a local JSONL with question, answer, image (path relative to the file), optional choices"""
     train_size: int = 2000
-    """toy RL prompts (drawn from train seeds not used by stage 1)"""
+    """RL prompts: toy problems (train seeds stage 1 does not use), or a seeded sample of --data; 0 = all"""
+    max_pixels: int = 262144
+    """images with more pixels are downscaled first, keeping the aspect ratio (as in 02)"""
     reward: str = "paper"
     """'paper' (Eqs. 4-8, default), 'released' (the authors' code) or 'grpo' (plain-GRPO baseline)"""
     alpha: float = 0.1
@@ -230,24 +229,39 @@ def score_responses(texts, prompts, G, reward_fn):
 
 
 def load_prompts(args):
-    """RL prompts: question, gold answer, choices, PIL image (or None)."""
-    if args.data == "toy":
-        ds = toy.toy_dataset("train", args.train_size, seed=1)  # seeds disjoint from stage 1's pool
-        return [{"id": r["id"], "question": r["question"], "answer": r["answer"], "choices": r["choices"],
-                 "image": r["image"]} for r in ds]
-    # A local JSONL in the layout 01 writes: question, answer, choices, image (path relative to the file).
-    if not os.path.isfile(args.data):
-        raise FileNotFoundError(f"--data {args.data!r}: not 'toy' and no such file")
-    root, prompts = os.path.dirname(os.path.abspath(args.data)), []
-    for i, r in enumerate(common.read_jsonl(args.data)):
-        where = f"{args.data}: row {i + 1} (id {r.get('id')!r})"
-        missing = [k for k in ("question", "answer") if not str(r.get(k) or "").strip()]
-        if missing:
-            raise ValueError(f"{where} has no {', '.join(missing)}")
-        image = common.load_image(root, r.get("image") or None, where=where)
-        prompts.append({"id": str(r.get("id", i)), "question": r["question"], "answer": str(r["answer"]),
-                        "choices": r.get("choices") or [], "image": image})
+    """RL prompts from --data (the toy, a hub dataset or a local file, with 01's column flags): dicts
+    with id, question, answer, choices and `image`, the encoded cell that `prompt_images` opens.
+
+    Rows with no question or gold are skipped, and so are rows whose image is missing or broken
+    (checked once here without decoding); each kind is reported with a few ids.
+    """
+    # Toy prompts come from train seeds disjoint from stage 1's pool (01 uses the range of --seed).
+    ds, base_dir = common.load_problems(args, args.train_size, args.seed + 1)
+    problems, skipped = common.screen_problems(ds, args)
+    cells = ds.select_columns([args.image_column]) if args.image_column else None
+    prompts = []
+    for p in problems:
+        image = cells[p["row"]][args.image_column] if cells is not None else None
+        try:
+            common.open_image(image, base_dir, verify_only=True)
+        except common.ImageError as e:
+            skipped.append({"id": p["id"], "row": p["row"], "reason": e.reason, "detail": str(e)})
+            continue
+        prompts.append({"id": p["id"], "question": p["question"], "answer": p["answer"], "choices": p["choices"],
+                        "image": image, "base_dir": base_dir})
+    for reason in sorted({s["reason"] for s in skipped}):
+        rows = [s for s in skipped if s["reason"] == reason]
+        print(f"{args.data}: skipped {len(rows)} row(s), {reason}: "
+              + "; ".join(f"row {s['row'] + 1} (id {s['id']}) {s['detail']}".strip() for s in rows[:3])
+              + (" ..." if len(rows) > 3 else ""))
+    if not prompts:
+        raise ValueError(f"{args.data}: no usable RL prompts (all {len(skipped)} rows skipped, reasons above)")
     return prompts
+
+
+def prompt_images(prompts, max_pixels):
+    """The batch's images, decoded now (a step's worth at a time, not the whole dataset in memory)."""
+    return [common.open_image(p["image"], p["base_dir"], max_pixels) for p in prompts]
 
 
 def step_prompts(prompts, step, n, seed, rank, world):
@@ -334,7 +348,7 @@ def main(args: Args):
 
         # 1. Group sampling: every prompt G times, sampled at temperature T (old policy = current).
         enc = common.encode_prompts(processor, [p["question"] for p in batch_prompts],
-                                    [p["image"] for p in batch_prompts], system)
+                                    prompt_images(batch_prompts, args.max_pixels), system)
         enc = {k: v.to(accelerator.device) for k, v in enc.items()}
         group = repeat_for_group(enc, G, vision_start)  # (P*G, Lp)
         unwrapped = accelerator.unwrap_model(model)

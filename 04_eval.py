@@ -22,7 +22,6 @@ already there), summary.json, summary.md; with several models also comparison.{m
 """
 
 import ast
-import io
 import json
 import math
 import os
@@ -86,7 +85,7 @@ MACRO_AVERAGED = {"mathverse", "mmmu_pro"}  # overall = mean over versions / set
 
 # ----------------------------------------------------------------------------------------------
 # Items: every loader returns rows in the benchmark's own schema plus four common fields:
-#   _id (str, unique), _question (the user prompt), _image (see open_image), _category (reported separately)
+#   _id (str, unique), _question (the user prompt), _image (see common.open_image), _category (reported separately)
 
 
 def load_items(benchmark, split="", data_dir="", limit=0):
@@ -219,7 +218,7 @@ def _read_rows(path):
 
 
 def _hub_rows(repo, config, split):
-    """Rows from the hub with images left encoded (compressed bytes): open_image decodes them one batch
+    """Rows from the hub with images left encoded (compressed bytes): common.open_image decodes them one batch
     at a time, so an undecodable image costs its own row, not the run."""
     import datasets
 
@@ -231,7 +230,7 @@ def _hub_rows(repo, config, split):
 
 
 def _image_ref(data_dir, value):
-    """What open_image will read: a path of a local copy (relative to data_dir, else to data_dir/images),
+    """What common.open_image will read: a path of a local copy (relative to data_dir, else to data_dir/images),
     or the value as it is (the hub's {"bytes", "path"} struct, bytes, PIL). Empty -> None (text only)."""
     if not value:
         return None
@@ -240,48 +239,7 @@ def _image_ref(data_dir, value):
     for candidate in (Path(data_dir) / value, Path(data_dir) / "images" / value):
         if candidate.is_file():
             return str(candidate)
-    return str(Path(data_dir) / value)  # missing: open_image will name this path in the item's error
-
-
-def open_image(ref):
-    """An item's image as RGB PIL, or None for text-only items.
-
-    `ref` may be a PIL image, a path, raw bytes, a {"bytes", "path"} dict (the hub's encoded form) or a
-    list of those (MMMU-Pro questions with several images: stacked top to bottom into one picture).
-    Raises ValueError naming the path when the image cannot be read.
-    """
-    from PIL import Image
-
-    if ref is None:
-        return None
-    if isinstance(ref, list):
-        images = [open_image(r) for r in ref if r is not None]
-        return _stack(images) if len(images) > 1 else (images[0] if images else None)
-    if isinstance(ref, Image.Image):
-        return ref.convert("RGB")
-    if isinstance(ref, dict):
-        data, path = ref.get("bytes"), ref.get("path")
-    elif isinstance(ref, (bytes, bytearray)):
-        data, path = ref, None
-    else:
-        data, path = None, str(ref)
-    try:
-        image = Image.open(io.BytesIO(data) if data else path)
-        image.load()  # decode now: a truncated file fails here, not inside the batch
-    except Exception as e:
-        raise ValueError(f"cannot read image {path or '<embedded bytes>'}: {type(e).__name__}: {e}") from None
-    return image.convert("RGB")
-
-
-def _stack(images):
-    from PIL import Image
-
-    canvas = Image.new("RGB", (max(i.width for i in images), sum(i.height for i in images)), "white")
-    y = 0
-    for image in images:
-        canvas.paste(image, (0, y))
-        y += image.height
-    return canvas
+    return str(Path(data_dir) / value)  # missing: common.open_image will name this path in the item's error
 
 
 # Prompts: each benchmark's question as the user turn; the system prompt (reflect/plain) sets the format.
@@ -742,9 +700,9 @@ def evaluate(items, generate, out_path, *, benchmark, batch_size=8, extract=None
         batch, ready, images = todo[start:start + batch_size], [], []
         for item in batch:
             try:
-                images.append(open_image(item["_image"]))
+                images.append(common.open_image(item["_image"]))
                 ready.append(item)
-            except Exception as e:
+            except common.ImageError as e:
                 _write_error(out_path, item, f"item {item['_id']}: {e}")
         responses = _generate_batch(generate, [it["_question"] for it in ready], images) if ready else []
         for item, response in zip(ready, responses):

@@ -48,11 +48,12 @@ TAGS = ("<think>", "</think>", "<answer>", "</answer>", "<reflection>", "</refle
 
 def parse_args(cls, argv=None):
     """Build an argparse parser from a dataclass; each field's docstring becomes its --help line."""
-    docs, src = {}, ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = src.body[0].body
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = nxt.value.value.replace("%", "%%")  # argparse %-formats help strings
+    docs = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):  # shared fields: DataArgs
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                docs[node.target.id] = nxt.value.value.replace("%", "%%")  # argparse %-formats help strings
     parser = argparse.ArgumentParser(description=(cls.__doc__ or "").strip(),
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(cls):
@@ -332,23 +333,171 @@ def training_dtype(accelerator, frozen_base):
     return "float32"
 
 
-def load_image(root, rel_path, max_pixels=0, where=""):
-    """RGB image from a path relative to a JSONL's folder (None stays None), downscaled to at most
-    max_pixels (0 = as it is). A file that cannot be read is a ValueError naming `where`."""
+class ImageError(ValueError):
+    """An image that cannot be used. `reason`: 'missing image' or 'unreadable image'; str(): the detail."""
+
+    def __init__(self, reason, detail):
+        super().__init__(detail)
+        self.reason = reason
+
+
+def open_image(ref, base_dir="", max_pixels=0, verify_only=False):
+    """An image as RGB PIL, or None when the row has none (`ref` None or '').
+
+    ref: a PIL image, a path (a relative one starts from `base_dir`), raw bytes, the hub's undecoded
+    {"bytes", "path"} struct, or a list of those (several images: stacked top to bottom, one picture).
+    The pixels are decoded here, so a truncated file fails now and not inside a batch; `verify_only`
+    checks the file without decoding (fast, for a first pass over a large dataset) and returns None.
+    Downscaled to at most max_pixels (0 = as it is), keeping the aspect ratio. Raises ImageError.
+    """
+    import io
+
     from PIL import Image
 
-    if rel_path is None:
+    if ref is None or (isinstance(ref, str) and not ref.strip()):
         return None
-    path = os.path.join(root, rel_path)
+    if isinstance(ref, list):
+        images = [open_image(r, base_dir, 0, verify_only) for r in ref if r is not None]
+        if verify_only or not images:
+            return None
+        image = images[0] if len(images) == 1 else _stack(images)
+        return _downscale(image, max_pixels)
+    if isinstance(ref, Image.Image):
+        return None if verify_only else _downscale(ref.convert("RGB"), max_pixels)
+    data, path = (ref.get("bytes"), ref.get("path")) if isinstance(ref, dict) else \
+        (ref, None) if isinstance(ref, (bytes, bytearray)) else (None, str(ref))
+    if not data:
+        if not path:
+            return None
+        path = os.path.join(base_dir, path) if base_dir and not os.path.isabs(path) else path
+        if not os.path.isfile(path):
+            raise ImageError("missing image", f"cannot read {path}: no such file")
     try:
-        image = Image.open(path).convert("RGB")
-    except OSError as e:
-        raise ValueError(f"{where}: field 'image': cannot read {path} ({e})") from e
+        with Image.open(io.BytesIO(data) if data else path) as image:
+            if verify_only:
+                image.verify()
+                return None
+            return _downscale(image.convert("RGB"), max_pixels)
+    except Exception as e:  # noqa: BLE001 (PIL raises many kinds of errors on a broken file)
+        raise ImageError("unreadable image", f"cannot read {path or 'embedded image'} ({type(e).__name__}: {e})") from e
+
+
+def _downscale(image, max_pixels):
+    from PIL import Image
+
     w, h = image.size
     if max_pixels and w * h > max_pixels:
         scale = math.sqrt(max_pixels / (w * h))
         image = image.resize((max(28, int(w * scale)), max(28, int(h * scale))), Image.BICUBIC)
     return image
+
+
+def _stack(images):
+    from PIL import Image
+
+    canvas = Image.new("RGB", (max(i.width for i in images), sum(i.height for i in images)), "white")
+    y = 0
+    for image in images:
+        canvas.paste(image, (0, y))
+        y += image.height
+    return canvas
+
+
+def load_image(root, rel_path, max_pixels=0, where=""):
+    """An SFT/RL JSONL row's image (a path relative to the file's folder; None stays None) as RGB,
+    downscaled to at most max_pixels. A file that cannot be read is a ValueError naming `where`."""
+    try:
+        return open_image(rel_path, root, max_pixels)
+    except ImageError as e:
+        raise ValueError(f"{where}: field 'image': {e}") from e
+
+
+# Problems with ground truth: 01's pool and 03's RL prompts come from the same kinds of sources.
+
+
+@dataclasses.dataclass
+class DataArgs:
+    """Where problems come from: 01 (the pool the policy answers) and 03 (the RL prompts) share these."""
+
+    data: str = "toy"
+    """'toy', a Hugging Face dataset id, or a local .jsonl/.json/.parquet file"""
+    split: str = "train"
+    """dataset split (toy: train or test)"""
+    image_column: str = "image"
+    """column with the image: an Image feature, or a file path (relative to a local data file); '' = text only (03; 01 needs images)"""
+    question_column: str = "question"
+    """column with the question text"""
+    answer_column: str = "answer"
+    """column with the gold answer"""
+    choices_column: str = "choices"
+    """column with the list of option texts, in A, B, C order ('' = none)"""
+    id_column: str = "id"
+    """column with a unique row id ('' = number the rows)"""
+
+
+def load_problems(args, size, seed):
+    """(dataset, folder that relative image paths start from) for `args` (a DataArgs).
+
+    The toy makes `size` problems from seed range `seed`; other data is cut to a `seed`-shuffled
+    sample of `size` rows (0 = all). Images stay encoded (decoded batch by batch with open_image, so
+    a broken one costs its row, not the run). A column that is not there is an error naming those found.
+    """
+    import datasets
+
+    base_dir = "."
+    if args.data == "toy":
+        import toy
+
+        ds = toy.toy_dataset(args.split, size or 1200, seed=seed)
+    elif os.path.isfile(args.data):
+        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(os.path.splitext(args.data)[1])
+        if kind is None:
+            raise ValueError(f"{args.data}: expected a .jsonl, .json or .parquet file")
+        ds = datasets.load_dataset(kind, data_files=args.data, split="train")
+        base_dir = os.path.dirname(os.path.abspath(args.data))
+    elif os.path.splitext(args.data)[1] in (".jsonl", ".json", ".parquet"):
+        raise FileNotFoundError(f"--data {args.data}: no such file")
+    else:
+        ds = datasets.load_dataset(args.data, split=args.split)
+    columns = {"image": args.image_column, "question": args.question_column, "answer": args.answer_column,
+               "choices": args.choices_column, "id": args.id_column}
+    missing = [f"--{k}_column {v!r}" for k, v in columns.items() if v and v not in ds.column_names]
+    if missing:
+        raise ValueError(f"{args.data}: no column for {', '.join(missing)}; the columns found are {ds.column_names}")
+    if args.image_column and isinstance(ds.features[args.image_column], datasets.Image):
+        ds = ds.cast_column(args.image_column, datasets.Image(decode=False))
+    if args.data != "toy" and size and len(ds) > size:
+        ds = ds.shuffle(seed=seed).select(range(size))
+    return ds, base_dir
+
+
+def screen_problems(ds, args, gold_problem=lambda gold: None if gold else "empty gold"):
+    """Checks that need no image. Returns (problems, skipped); a problem keeps its dataset row index.
+
+    Skipped: duplicate ids, empty questions, and golds for which `gold_problem` names a reason. The toy's structured
+    `solution` is carried along when present (01's oracle teacher reads it).
+    """
+    import re
+
+    cols = [c for c in (args.id_column, args.question_column, args.answer_column, args.choices_column, "solution")
+            if c and c in ds.column_names]
+    problems, skipped, seen = [], [], set()
+    for i, r in enumerate(ds.select_columns(cols).to_list()):
+        pid = re.sub(r"[^\w.-]", "_", str(r[args.id_column])) if args.id_column else f"row{i}"  # safe as a file name
+        question = r[args.question_column] if isinstance(r[args.question_column], str) else ""
+        gold = str(r[args.answer_column]).strip() if r[args.answer_column] is not None else ""
+        reason, detail = (("duplicate id", "") if pid in seen else ("empty question", "") if not question.strip()
+                          else (gold_problem(gold), f"gold {gold!r}"))
+        if reason:
+            skipped.append({"id": pid, "row": i, "reason": reason, "detail": detail})
+            continue
+        seen.add(pid)
+        p = {"id": pid, "row": i, "question": question.strip(), "answer": gold,
+             "choices": [str(c) for c in (r[args.choices_column] or [])] if args.choices_column else []}
+        if "solution" in r:
+            p["solution"] = r["solution"]
+        problems.append(p)
+    return problems, skipped
 
 
 def evaluate_toy(model, processor, *, n, style, max_new_tokens=48, batch_size=64, desc="eval"):

@@ -291,6 +291,8 @@ def _to_number(s: str):
 
 def _numbers_match(x, y) -> bool:
     (a, pa), (b, pb) = x, y
+    if pa == pb and float(a).is_integer() and float(b).is_integer():
+        return a == b  # whole numbers match exactly: 999999 is not 1000000 (within rel_tol 1e-6)
     if math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9):
         return True  # "25%" == "25"
     if pa != pb:  # "25%" == "0.25"

@@ -17,6 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+import common
+
 ev = load_script("04_eval")
 SHARED_MATHVISION = Path(SHARED_DATA) / "mathvision_testmini"
 
@@ -326,12 +328,24 @@ def test_open_image_reads_paths_bytes_hub_structs_and_stacks_lists(tmp_path):
     buf = io.BytesIO()
     Image.new("L", (20, 10)).save(buf, format="PNG")
     data = buf.getvalue()
-    assert ev.open_image(data).size == (20, 10) and ev.open_image(data).mode == "RGB"
-    assert ev.open_image({"bytes": data, "path": "x.png"}).size == (20, 10)
-    assert ev.open_image([data, {"bytes": data, "path": None}]).size == (20, 20)
-    assert ev.open_image(None) is None
+    assert common.open_image(data).size == (20, 10) and common.open_image(data).mode == "RGB"
+    assert common.open_image({"bytes": data, "path": "x.png"}).size == (20, 10)
+    assert common.open_image([data, {"bytes": data, "path": None}]).size == (20, 20)
+    assert common.open_image(None) is None and common.open_image("") is None
     with pytest.raises(ValueError, match="nowhere.png"):
-        ev.open_image(str(tmp_path / "nowhere.png"))
+        common.open_image(str(tmp_path / "nowhere.png"))
+    # A relative path starts from base_dir; max_pixels downscales; a truncated file fails when opened
+    # and (PNG checksums) when only verified, and is 'unreadable' rather than 'missing'.
+    Image.new("RGB", (200, 100)).save(tmp_path / "a.png")
+    assert common.open_image("a.png", str(tmp_path), max_pixels=5000).size == (100, 50)
+    assert common.open_image("a.png", str(tmp_path), verify_only=True) is None
+    Image.effect_noise((64, 64), 50).save(tmp_path / "noise.png")
+    whole = (tmp_path / "noise.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(whole[:len(whole) * 2 // 3])  # the header is fine, the pixels end early
+    for verify_only in (False, True):
+        with pytest.raises(common.ImageError, match="cut.png") as e:
+            common.open_image("cut.png", str(tmp_path), verify_only=verify_only)
+        assert e.value.reason == "unreadable image"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,7 +364,7 @@ def test_local_mathvision_layout_and_missing_split_message(tmp_path):
     items = ev.load_items("mathvision", "testmini", str(tmp_path))
     assert [i["_id"] for i in items] == ["7", "8"] and items[0]["_category"] == "counting"
     assert "<image1>" not in items[0]["_question"] and "A, B, C, D, E" in items[1]["_question"]
-    assert all(ev.open_image(i["_image"]).size == (30, 30) for i in items)
+    assert all(common.open_image(i["_image"]).size == (30, 30) for i in items)
     with pytest.raises(FileNotFoundError, match="testmini.jsonl"):
         ev.load_items("mathvision", "test", str(tmp_path))
 
@@ -371,7 +385,7 @@ def test_local_mmmu_pro_parquet_layout(tmp_path):
     items = ev.load_items("mmmu_pro", "", str(tmp_path))
     assert [i["_category"] for i in items] == ["standard (10 options)", "vision"]
     assert "A. Monet\nB. Manet" in items[0]["_question"] and "[image 1]" in items[0]["_question"]
-    assert ev.open_image(items[0]["_image"]).size == (16, 16) and ev.open_image(items[1]["_image"]).size == (16, 16)
+    assert common.open_image(items[0]["_image"]).size == (16, 16) and common.open_image(items[1]["_image"]).size == (16, 16)
 
 
 def test_judge_extracts_the_answer_and_sends_the_key_only_in_the_header(monkeypatch):

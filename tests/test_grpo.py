@@ -171,17 +171,43 @@ def test_two_process_accelerate_cpu_run(base_model_dir, tmp_path):
     assert len(common.read_jsonl(out / "metrics.jsonl")) == 2 and (out / "model.safetensors").exists()
 
 
-def test_local_jsonl_prompts_and_bad_rows(tmp_path):
+def test_local_jsonl_prompts_and_bad_rows(tmp_path, capsys):
     ds = toy.toy_dataset("test", 2)
     rows = []
     for r in ds:
         r["image"].save(tmp_path / f"{r['id']}.png")
         rows.append({"id": r["id"], "question": r["question"], "answer": r["answer"], "choices": r["choices"],
                      "image": f"{r['id']}.png"})
-    for r in rows:
+    for r in rows + [{**rows[0], "id": "broken", "image": "missing.png"}, {**rows[1], "id": "no-gold", "answer": ""}]:
         common.append_jsonl(tmp_path / "rl.jsonl", r)
     prompts = grpo.load_prompts(grpo.Args(data=str(tmp_path / "rl.jsonl")))
-    assert [p["answer"] for p in prompts] == list(ds["answer"]) and prompts[0]["image"].size == (112, 112)
-    common.append_jsonl(tmp_path / "rl.jsonl", {**rows[0], "id": "broken", "image": "missing.png"})
-    with pytest.raises(ValueError, match="row 3 .*broken.* field 'image'"):
-        grpo.load_prompts(grpo.Args(data=str(tmp_path / "rl.jsonl")))
+    # The two good rows are kept, images decoded a batch at a time; the bad ones are reported by row and id.
+    assert [p["answer"] for p in prompts] == list(ds["answer"])
+    assert grpo.prompt_images(prompts, 0)[0].size == (112, 112)
+    out = capsys.readouterr().out
+    assert "skipped 1 row(s), missing image: row 3 (id broken)" in out and "missing.png" in out
+    assert "skipped 1 row(s), empty gold: row 4 (id no-gold)" in out
+    (tmp_path / "bad.jsonl").write_text((tmp_path / "rl.jsonl").read_text().splitlines()[2] + "\n")
+    with pytest.raises(ValueError, match="no usable RL prompts"):
+        grpo.load_prompts(grpo.Args(data=str(tmp_path / "bad.jsonl")))
+
+
+def test_prompts_from_a_parquet_with_other_column_names_and_no_images(tmp_path):
+    """03 reads what 01 reads: a hub-style table with an Image feature, renamed columns, a size cap."""
+    import datasets
+
+    ds = toy.toy_dataset("test", 6).rename_columns({"question": "problem", "answer": "solution_letter"})
+    ds.to_parquet(str(tmp_path / "rl.parquet"))
+    assert isinstance(datasets.load_dataset("parquet", data_files=str(tmp_path / "rl.parquet"),
+                                            split="train").features["image"], datasets.Image)
+    args = grpo.Args(data=str(tmp_path / "rl.parquet"), question_column="problem", answer_column="solution_letter",
+                     id_column="", train_size=4)
+    prompts = grpo.load_prompts(args)
+    assert len(prompts) == 4 and {p["id"] for p in prompts} <= {f"row{i}" for i in range(6)}
+    assert {(p["question"], p["answer"]) for p in prompts} <= set(zip(ds["problem"], ds["solution_letter"]))
+    assert all(im.size == (112, 112) for im in grpo.prompt_images(prompts, 0))
+    text_only = grpo.load_prompts(grpo.Args(data=str(tmp_path / "rl.parquet"), question_column="problem",
+                                            answer_column="solution_letter", image_column=""))
+    assert len(text_only) == 6 and grpo.prompt_images(text_only[:2], 0) == [None, None]
+    with pytest.raises(ValueError, match=r"--answer_column 'answer'.*'solution_letter'"):
+        grpo.load_prompts(grpo.Args(data=str(tmp_path / "rl.parquet"), question_column="problem"))

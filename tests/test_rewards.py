@@ -544,6 +544,7 @@ def test_property_grading_never_raises(pred, gold, choices):
 @given(st.integers(-10**6, 10**6), st.integers(-10**6, 10**6))
 def test_property_integers(a, b):
     assert R.is_correct(str(a), str(b)) == (a == b)
+    assert not R.is_correct(str(a), str(a + 1))  # found by this test: 999999 matched 1000000
     assert R.is_correct(f"{a:,}", str(a)) and R.is_correct(f"{a}.0", str(a))
 
 
