@@ -240,31 +240,7 @@ def eval_line(name, r):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints and the final save (sharded modes, ZeRO-3 and FSDP, go through accelerate)
-
-
-def save_checkpoint(accelerator, path, *, model, optimizer, scheduler, step, extra, sharded):
-    tmp = path + ".tmp"
-    if sharded:  # every process holds a shard: accelerate gathers/writes them
-        accelerator.save_state(tmp)
-        if accelerator.is_main_process:
-            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-                json.dump({"step": step, "extra": extra}, f)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:  # swap in the new checkpoint only once it is complete
-            common.swap_in(tmp, path)
-    elif accelerator.is_main_process:  # DDP/single: every process holds the same weights, write once
-        common.save_training_state(path, model=model, optimizer=optimizer, scheduler=scheduler, step=step, extra=extra)
-    accelerator.wait_for_everyone()
-
-
-def load_checkpoint(accelerator, path, *, model, optimizer, scheduler, sharded):
-    if sharded:
-        accelerator.load_state(path)
-        with open(os.path.join(path, "trainer_state.json")) as f:
-            state = json.load(f)
-        return state["step"], state["extra"]
-    return common.load_training_state(path, model=model, optimizer=optimizer, scheduler=scheduler)
+# Checkpoints and the final save: common.save_checkpoint / load_checkpoint / save_final
 
 
 def trainable_digest(model):
@@ -280,7 +256,7 @@ def trainable_digest(model):
 
 
 def main(args: Args):
-    from accelerate import Accelerator, DistributedType
+    from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, gather_object, parse_flag_from_env
 
     on_gpu = torch.cuda.is_available() and not (args.cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))
@@ -293,7 +269,7 @@ def main(args: Args):
     if accelerator.gradient_accumulation_steps != args.grad_accum:  # e.g. set in an accelerate config
         raise ValueError(f"accelerate is set to {accelerator.gradient_accumulation_steps} accumulation steps but "
                          f"--grad_accum is {args.grad_accum}; set it with --grad_accum only")
-    sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    sharded = common.is_sharded(accelerator)
     world, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     log = accelerator.print
     if args.threads:
@@ -329,13 +305,13 @@ def main(args: Args):
     if not n_train:
         raise ValueError(f"{args.model}: nothing to train (a LoRA adapter as --model needs --lora_r > 0)")
     log(f"{args.model}: {n_train / 1e6:.2f}M of {n_all / 1e6:.2f}M parameters trainable "
-        f"({'QLoRA nf4' if args.load_in_4bit else f'LoRA r={args.lora_r}' if args.lora_r else 'full fine-tuning'}"
+        f"({'QLoRA nf4, ' if args.load_in_4bit else ''}{f'LoRA r={lora_r}' if lora_r else 'full fine-tuning'}"
         f", vision {'frozen' if args.freeze_vision else 'trained'}, {dtype} weights, "
         f"{accelerator.mixed_precision} autocast, {accelerator.distributed_type.value} x {world})")
 
     os.makedirs(args.out_dir, exist_ok=True)
     do_eval = args.eval_size > 0 and common.is_toy_dir(base) and not sharded
-    summary = {"args": asdict(args), "rows": len(ds), "steps": total_steps, "trainable_parameters": n_train}
+    summary = {"args": asdict(args), "lora_r_used": lora_r, "rows": len(ds), "steps": total_steps, "trainable_parameters": n_train}
     ckpt_dir = os.path.join(args.out_dir, "checkpoint")
     found = common.find_checkpoint(ckpt_dir) if args.resume else None
     resuming = found is not None
@@ -363,7 +339,7 @@ def main(args: Args):
     # ---- resume: weights, optimizer, scheduler, RNG and the data position
     step, metrics_path = 0, os.path.join(args.out_dir, "metrics.jsonl")
     if resuming:
-        step, extra = load_checkpoint(accelerator, found, model=model, optimizer=optimizer, scheduler=scheduler,
+        step, extra = common.load_checkpoint(accelerator, found, model=model, optimizer=optimizer, scheduler=scheduler,
                                       sharded=sharded)
         if extra.get("steps_per_epoch") != steps_per_epoch or extra.get("total_steps") != total_steps:
             raise ValueError(f"{found}: written with {extra.get('steps_per_epoch')} steps per epoch and "
@@ -429,7 +405,7 @@ def main(args: Args):
             extra = {"epoch": step // steps_per_epoch, "batch_in_epoch": step % steps_per_epoch,
                      "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "seed": args.seed,
                      "data": args.data, **{k: summary[k] for k in ("before", "before_plain") if k in summary}}
-            save_checkpoint(accelerator, ckpt_dir, model=model, optimizer=optimizer, scheduler=scheduler,
+            common.save_checkpoint(accelerator, ckpt_dir, model=model, optimizer=optimizer, scheduler=scheduler,
                             step=step, extra=extra, sharded=sharded)
     bar.close()
     train_seconds = time.time() - t0
@@ -440,16 +416,7 @@ def main(args: Args):
         summary["rank_digests"] = digests
         if len(set(digests)) > 1:
             raise RuntimeError(f"processes disagree on the trained weights: {digests}")
-        if is_main:
-            common.save_model(accelerator.unwrap_model(model), processor, args.out_dir, merge_lora=args.merge_lora)
-    else:
-        if args.merge_lora:
-            log("--merge_lora is not supported under ZeRO-3/FSDP; merge the saved adapter afterwards")
-        state_dict = accelerator.get_state_dict(model)  # collective: every process takes part
-        if is_main:
-            accelerator.unwrap_model(model).save_pretrained(args.out_dir, state_dict=state_dict, safe_serialization=True)
-            processor.save_pretrained(args.out_dir)
-    accelerator.wait_for_everyone()
+    common.save_final(accelerator, model, processor, args.out_dir, sharded=sharded, merge_lora=args.merge_lora)
 
     if is_main:
         rows = common.read_jsonl(metrics_path)

@@ -286,6 +286,7 @@ def main(args: Args):
     half = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if on_gpu else "no"
     accelerator = Accelerator(cpu=not on_gpu, mixed_precision=half)
     rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    sharded = common.is_sharded(accelerator)  # ZeRO / FSDP: weights, or optimizer states, split over processes
     common.seed_everything(args.seed + rank)
     system = common.SYSTEM_PROMPTS[args.system_prompt if args.system_prompt != "auto"
                                    else ("plain" if args.reward == "grpo" else "reflect")]
@@ -312,6 +313,8 @@ def main(args: Args):
     scheduler = common.cosine_schedule(optimizer, math.ceil(args.warmup_ratio * args.steps * args.mu),
                                        args.steps * args.mu, args.min_lr_ratio)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if sharded:
+        accelerator.register_for_checkpointing(scheduler)  # stepped by us once per optimizer step
     prompts = load_prompts(args)
     os.makedirs(args.out_dir, exist_ok=True)
     metrics_path, samples_path = os.path.join(args.out_dir, "metrics.jsonl"), os.path.join(args.out_dir, "samples.jsonl")
@@ -319,7 +322,8 @@ def main(args: Args):
     start = 0
     found = common.find_checkpoint(ckpt) if args.resume else None
     if found:
-        start, _ = common.load_training_state(found, model=model, optimizer=optimizer, scheduler=scheduler)
+        start, _ = common.load_checkpoint(accelerator, found, model=model, optimizer=optimizer, scheduler=scheduler,
+                                          sharded=sharded)
         accelerator.print(f"resumed from {found} at step {start}")
         if is_main:  # drop rows logged after the checkpoint by the interrupted run
             rows = [r for r in common.read_jsonl(metrics_path) if r["step"] <= start]
@@ -333,7 +337,8 @@ def main(args: Args):
         for p in (ckpt, ckpt + ".old"):
             shutil.rmtree(p, ignore_errors=True)
     if is_main:
-        common.append_jsonl(os.path.join(args.out_dir, "config.jsonl"), {"start": start, **asdict(args)})
+        config = {"start": start, **asdict(args), "lora_r_used": lora_r}
+        common.append_jsonl(os.path.join(args.out_dir, "config.jsonl"), config)
     accelerator.print(f"GRPO on {accelerator.device}, processes: {world}, {len(prompts)} prompts, "
                       f"{args.prompts_per_step} x {args.group_size} samples per process per step")
 
@@ -354,9 +359,12 @@ def main(args: Args):
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.eval()
         with accelerator.autocast():
+            # Sharded weights: every process must run the same number of forward passes, so the
+            # ones that finish first keep stepping until all are done (synced_gpus).
             completion, mask, texts = common.generate(unwrapped, processor, group, max_new_tokens=args.max_new_tokens,
                                                       temperature=args.temperature, top_p=args.top_p,
-                                                      min_new_tokens=args.min_new_tokens)
+                                                      min_new_tokens=args.min_new_tokens,
+                                                      synced_gpus=sharded and world > 1)
         t_gen = time.time() - t0
 
         # 2. Rewards (Eqs. 4-8): every response against its OWN prompt's gold answer.
@@ -402,8 +410,11 @@ def main(args: Args):
             starts = list(range(0, B, args.micro_batch))
             for s in starts:
                 mb = list(range(s, min(s + args.micro_batch, B)))
-                sync = contextlib.nullcontext() if s == starts[-1] else accelerator.no_sync(model)
-                with sync:
+                last = s == starts[-1]
+                # Gradients add up over the micro-batches and are exchanged once, after the last
+                # (DDP, FSDP: no_sync; DeepSpeed: its engine steps only when sync_gradients is set).
+                accelerator.sync_gradients = last
+                with contextlib.nullcontext() if last else accelerator.no_sync(model):
                     logp = token_logprobs(model, select_rows(train, mb, vision_start), comp[mb], args.temperature,
                                           args.micro_batch, vision_start)
                     old = logp.detach() if old_logp is None else old_logp[mb]
@@ -415,7 +426,7 @@ def main(args: Args):
                 for k in st:
                     stats_sum[k] += st[k] * float(share)
                 stats_sum["loss"] += loss.item() * float(share)
-            grad_norm = accelerator.clip_grad_norm_(params, args.grad_clip)
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)  # DeepSpeed: its config's clip
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -433,7 +444,7 @@ def main(args: Args):
             "reflection_rate": sum(s["has_reflection"] for s in scored) / len(scored),
             "response_tokens": mask.sum(1).float().mean().item(),
             "zero_spread_groups": (r.std(1) < 1e-6).float().mean().item(), "groups_kept": keep.float().mean().item(),
-            **stats_sum, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+            **stats_sum, "grad_norm": float("nan") if grad_norm is None else float(grad_norm), "lr": scheduler.get_last_lr()[0],
             "step_s": step_s, "gen_s": t_gen, "score_s": t_score, "update_s": step_s - t_gen - t_score,
             "tokens_per_s": n_tokens / step_s,
         })
@@ -455,14 +466,14 @@ def main(args: Args):
                                                        **{k: scored[i][k] for k in rewards.REWARD_KEYS}})
         if args.save_every and (step + 1) % args.save_every == 0:
             accelerator.wait_for_everyone()
-            if is_main:
-                common.save_training_state(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, step=step + 1)
+            common.save_checkpoint(accelerator, ckpt, model=model, optimizer=optimizer, scheduler=scheduler,
+                                   step=step + 1, sharded=sharded)
 
     accelerator.wait_for_everyone()
     if args.stop_after and start + args.stop_after < args.steps:
         return {}  # interrupted on purpose: the checkpoint is the state to resume from
+    common.save_final(accelerator, model, processor, args.out_dir, sharded=sharded)
     if is_main:
-        common.save_model(accelerator.unwrap_model(model), processor, args.out_dir)
         rows = common.read_jsonl(metrics_path)
         common.plot_metrics(rows, ["reward", "final_accuracy", "first_accuracy", "wrong_to_right", "response_tokens"],
                             os.path.join(args.out_dir, "curves.png"), title=f"GRPO, reward={args.reward}")

@@ -284,7 +284,8 @@ def completion_mask(completion_ids, eos_ids):
 
 
 @torch.no_grad()
-def generate(model, processor, batch, *, max_new_tokens, temperature=0.0, top_p=1.0, min_new_tokens=None):
+def generate(model, processor, batch, *, max_new_tokens, temperature=0.0, top_p=1.0, min_new_tokens=None,
+             synced_gpus=False):
     """Sample (temperature > 0, plain softmax(logits / T) with top-p, no top-k) or decode greedily.
 
     Returns (completion_ids (B, T), completion_mask (B, T), texts). Vision special tokens are
@@ -293,7 +294,7 @@ def generate(model, processor, batch, *, max_new_tokens, temperature=0.0, top_p=
     gen = unwrap(model)
     eos = eos_token_ids(processor)
     kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=processor.tokenizer.pad_token_id,
-                  suppress_tokens=vision_token_ids(processor), use_cache=True)
+                  suppress_tokens=vision_token_ids(processor), use_cache=True, synced_gpus=synced_gpus)
     if min_new_tokens:
         kwargs["min_new_tokens"] = min_new_tokens
     if temperature > 0:
@@ -617,6 +618,57 @@ def load_training_state(path, *, model, optimizer, scheduler):
     np.random.set_state(state["rng"]["numpy"])
     torch.set_rng_state(state["rng"]["torch"])
     return state["step"], state["extra"]
+
+
+def is_sharded(accelerator) -> bool:
+    """ZeRO (DeepSpeed) or FSDP: no process holds the whole model and optimizer state."""
+    from accelerate import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+
+
+def save_checkpoint(accelerator, path, *, model, optimizer, scheduler, step, extra=None, sharded=False):
+    """02's and 03's checkpoint for --resume; every process calls it. Sharded runs (ZeRO, FSDP) write
+    accelerate's per-process state (call accelerator.register_for_checkpointing(scheduler) once);
+    DDP and single-process runs write save_training_state's files once."""
+    tmp = path + ".tmp"
+    if sharded:
+        accelerator.save_state(tmp)
+        if accelerator.is_main_process:
+            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+                json.dump({"step": step, "extra": extra or {}}, f)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:  # swap in the new checkpoint only once it is complete
+            swap_in(tmp, path)
+    elif accelerator.is_main_process:  # every process holds the same weights: write once
+        save_training_state(path, model=model, optimizer=optimizer, scheduler=scheduler, step=step, extra=extra)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(accelerator, path, *, model, optimizer, scheduler, sharded=False):
+    """Restore what save_checkpoint wrote; returns (step, extra)."""
+    if sharded:
+        accelerator.load_state(path)
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            state = json.load(f)
+        return state["step"], state["extra"]
+    return load_training_state(path, model=model, optimizer=optimizer, scheduler=scheduler)
+
+
+def save_final(accelerator, model, processor, out_dir, *, sharded=False, merge_lora=False):
+    """The trained model as safetensors in out_dir; every process calls it. Sharded: the full state
+    dict is gathered first (a collective), then the main process writes it."""
+    if not sharded:
+        if accelerator.is_main_process:
+            save_model(accelerator.unwrap_model(model), processor, out_dir, merge_lora=merge_lora)
+    else:
+        if merge_lora:
+            accelerator.print("--merge_lora is not supported under ZeRO/FSDP; merge the saved adapter afterwards")
+        state_dict = accelerator.get_state_dict(model)
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(model).save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
+            processor.save_pretrained(out_dir)
+    accelerator.wait_for_everyone()
 
 
 def cosine_schedule(optimizer, warmup_steps, total_steps, min_ratio=0.0):

@@ -195,9 +195,11 @@ def test_lora_and_qlora_train_and_save(tiny_model_dir, sft_data, tmp_path, mode)
     out = tmp_path / mode
     # LoRA: also the merged copy and the after-training check on the (merged) model
     kw = dict(lora_r=4, merge_lora=True, eval_size=2, eval_max_new_tokens=4) if mode == "lora" else \
-        dict(load_in_4bit=True, lora_r=4)
+        dict(load_in_4bit=True)  # QLoRA without --lora_r: r = 16
     sft.main(tiny_args(tiny_model_dir, sft_data, out, max_steps=2, lr=1e-2, save_every=1, **kw))
     assert (out / "adapter_model.safetensors").exists() and (out / "checkpoint" / "trainable.safetensors").exists()
+    r = json.loads((out / "adapter_config.json").read_text())["r"]
+    assert r == json.loads((out / "sft_summary.json").read_text())["lora_r_used"] == (4 if mode == "lora" else 16)
     base, adapter = common.resolve_model(str(out))
     assert base == tiny_model_dir and adapter == str(out)
     model, processor = common.load_policy(base, adapter_path=adapter, load_in_4bit=mode == "qlora", device="cpu")
