@@ -115,6 +115,9 @@ class Args:
     """LoRA alpha; 0 = 2 x lora_r"""
     load_in_4bit: bool = False
     """QLoRA: frozen nf4 base weights (bitsandbytes), bf16 compute on GPU; implies LoRA (r 16 unless set)"""
+    save_dtype: str = "auto"
+    """dtype of the saved full model: 'auto' = bf16 after bf16-autocast training on a GPU (fp32 masters
+    were for the updates), else as trained; 'float32' or 'bfloat16'. LoRA adapters are saved as trained"""
     merge_lora: bool = False
     """LoRA: also save a merged full model under out_dir/merged"""
     freeze_vision: bool = True
@@ -259,6 +262,7 @@ def main(args: Args):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, gather_object, parse_flag_from_env
 
+    common.check_save_dtype(args.save_dtype)
     on_gpu = torch.cuda.is_available() and not (args.cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))
     bf16 = on_gpu and torch.cuda.is_bf16_supported()
     accelerator = Accelerator(
@@ -416,7 +420,8 @@ def main(args: Args):
         summary["rank_digests"] = digests
         if len(set(digests)) > 1:
             raise RuntimeError(f"processes disagree on the trained weights: {digests}")
-    common.save_final(accelerator, model, processor, args.out_dir, sharded=sharded, merge_lora=args.merge_lora)
+    common.save_final(accelerator, model, processor, args.out_dir, sharded=sharded, merge_lora=args.merge_lora,
+                      dtype=args.save_dtype)
 
     if is_main:
         rows = common.read_jsonl(metrics_path)

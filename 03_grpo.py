@@ -99,6 +99,9 @@ class Args(common.DataArgs):
     """max gradient norm"""
     micro_batch: int = 32
     """sequences per log-prob forward pass (bounds logits memory)"""
+    save_dtype: str = "auto"
+    """dtype of the saved full model: 'auto' = bf16 after bf16-autocast training on a GPU (fp32 masters
+    were for the updates), else as trained; 'float32' or 'bfloat16'. LoRA adapters are saved as trained"""
     lora_r: int = 0
     """LoRA rank (0 = full fine-tuning of the language model; 16 when --load_in_4bit or the model is an adapter)"""
     load_in_4bit: bool = False
@@ -280,6 +283,7 @@ def main(args: Args):
     from accelerate import Accelerator
     from accelerate.utils import parse_flag_from_env
 
+    common.check_save_dtype(args.save_dtype)
     # No GPU: gloo on the CPU (`accelerate launch --multi_gpu --num_processes 2` runs 2 CPU processes).
     # On a GPU: bf16 autocast (fp16 where bf16 is missing), as in 02.
     on_gpu = torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU")
@@ -472,7 +476,7 @@ def main(args: Args):
     accelerator.wait_for_everyone()
     if args.stop_after and start + args.stop_after < args.steps:
         return {}  # interrupted on purpose: the checkpoint is the state to resume from
-    common.save_final(accelerator, model, processor, args.out_dir, sharded=sharded)
+    common.save_final(accelerator, model, processor, args.out_dir, sharded=sharded, dtype=args.save_dtype)
     if is_main:
         rows = common.read_jsonl(metrics_path)
         common.plot_metrics(rows, ["reward", "final_accuracy", "first_accuracy", "wrong_to_right", "response_tokens"],

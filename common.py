@@ -655,16 +655,37 @@ def load_checkpoint(accelerator, path, *, model, optimizer, scheduler, sharded=F
     return load_training_state(path, model=model, optimizer=optimizer, scheduler=scheduler)
 
 
-def save_final(accelerator, model, processor, out_dir, *, sharded=False, merge_lora=False):
+SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def check_save_dtype(name):
+    """Fail at the start of a run, not after it, on a --save_dtype that save_final cannot use."""
+    if name not in SAVE_DTYPES:
+        raise ValueError(f"--save_dtype must be one of {', '.join(SAVE_DTYPES)}; got {name!r}")
+
+
+def save_final(accelerator, model, processor, out_dir, *, sharded=False, merge_lora=False, dtype="auto"):
     """The trained model as safetensors in out_dir; every process calls it. Sharded: the full state
-    dict is gathered first (a collective), then the main process writes it."""
+    dict is gathered first (a collective), then the main process writes it.
+
+    dtype (full fine-tuning): 'auto' = bf16 after a bf16-autocast run, whose fp32 master weights
+    were there for the updates only (half the disk; what the paper's checkpoints are), else as
+    trained; or 'float32' / 'bfloat16'. The model is cast in place: call this when training is done.
+    """
+    dtype = (torch.bfloat16 if accelerator.mixed_precision == "bf16" else None) if dtype == "auto" else \
+        getattr(torch, dtype)
+    full = not hasattr(accelerator.unwrap_model(model), "peft_config")
     if not sharded:
+        if dtype is not None and full:
+            accelerator.unwrap_model(model).to(dtype)
         if accelerator.is_main_process:
             save_model(accelerator.unwrap_model(model), processor, out_dir, merge_lora=merge_lora)
     else:
         if merge_lora:
             accelerator.print("--merge_lora is not supported under ZeRO/FSDP; merge the saved adapter afterwards")
         state_dict = accelerator.get_state_dict(model)
+        if dtype is not None and full:
+            state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
         if accelerator.is_main_process:
             accelerator.unwrap_model(model).save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
             processor.save_pretrained(out_dir)

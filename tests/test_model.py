@@ -326,6 +326,29 @@ def test_parse_args_help_from_docstrings_and_types(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         common.parse_args(stage0.Args, ["--help"])
     assert "toy test problems for the accuracy report" in capsys.readouterr().out
+    # Fields inherited from common.DataArgs (03's data columns) keep their help lines.
+    stage3 = load_script("03_grpo")
+    monkeypatch.setitem(sys.modules, stage3.__name__, stage3)
+    assert common.parse_args(stage3.Args, ["--question_column", "q"]).question_column == "q"
+    with pytest.raises(SystemExit):
+        common.parse_args(stage3.Args, ["--help"])
+    assert "column with the question text" in capsys.readouterr().out
+
+
+def test_save_final_casts_a_full_model_to_the_asked_dtype(tiny_model_dir, tmp_path):
+    from accelerate import Accelerator
+    from safetensors import safe_open
+
+    accelerator = Accelerator(cpu=True)
+    for name, dtype in (("auto", "F32"), ("bfloat16", "BF16")):  # auto on a CPU (no autocast): as trained
+        model, processor = common.load_policy(tiny_model_dir, device="cpu")
+        common.save_final(accelerator, model, processor, str(tmp_path / name), dtype=name)
+        with safe_open(str(tmp_path / name / "model.safetensors"), "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {dtype}
+        reloaded, _ = common.load_policy(str(tmp_path / name), device="cpu")  # CPU: loads as fp32 again
+        assert next(reloaded.parameters()).dtype == torch.float32
+    with pytest.raises(ValueError, match="--save_dtype must be one of"):
+        common.check_save_dtype("bf16")
 
 
 # ----------------------------------------------------------------------------------------------
