@@ -336,6 +336,7 @@ def main(args: Args):
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = common.cosine_schedule(optimizer, math.ceil(args.warmup_ratio * total_steps), total_steps,
                                        min_ratio=args.min_lr_ratio)
+    common.prepare_deepspeed(accelerator, micro, args.max_grad_norm)
     model, optimizer = accelerator.prepare(model, optimizer)
     if sharded:
         accelerator.register_for_checkpointing(scheduler)  # stepped by us once per optimizer step

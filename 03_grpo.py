@@ -43,8 +43,9 @@ class Args(common.DataArgs):
     """policy to start from (02's output; a LoRA output directory works too)"""
     out_dir: str = "runs/toy/srpo"
     """where the trained policy, metrics and samples go"""
-    train_size: int = 2000
-    """RL prompts: toy problems (train seeds stage 1 does not use), or a seeded sample of --data; 0 = all"""
+    train_size: int = 0
+    """RL prompts: a seeded sample of this many rows of --data; 0 = all (the toy: 2,000 problems from
+    train seeds stage 1 does not use)"""
     max_pixels: int = 262144
     """images with more pixels are downscaled first, keeping the aspect ratio (as in 02)"""
     reward: str = "paper"
@@ -231,40 +232,60 @@ def score_responses(texts, prompts, G, reward_fn):
 # Data
 
 
-def load_prompts(args):
+def load_prompts(args, log=print):
     """RL prompts from --data (the toy, a hub dataset or a local file, with 01's column flags): dicts
-    with id, question, answer, choices and `image`, the encoded cell that `prompt_images` opens.
+    with id, question, answer, choices, and the dataset `row` that `batch_images` reads the image of.
 
-    Rows with no question or gold are skipped, and so are rows whose image is missing or broken
-    (checked once here without decoding); each kind is reported with a few ids.
+    Rows with no question or gold are skipped, and so are rows whose image is missing or fails a
+    check without decoding; each kind is reported with a few ids.
     """
     # Toy prompts come from train seeds disjoint from stage 1's pool (01 uses the range of --seed).
-    ds, base_dir = common.load_problems(args, args.train_size, args.seed + 1)
+    size = args.train_size or (2000 if args.data == "toy" else 0)
+    ds, base_dir = common.load_problems(args, size, args.seed + 1)
     problems, skipped = common.screen_problems(ds, args)
-    cells = ds.select_columns([args.image_column]) if args.image_column else None
+    # One image source shared by all prompts: the column stays in the (memory-mapped) dataset and a
+    # step reads its own rows only, so no process holds every image.
+    source = {"cells": ds.select_columns([args.image_column]) if args.image_column else None,
+              "column": args.image_column, "base_dir": base_dir}
     prompts = []
     for p in problems:
-        image = cells[p["row"]][args.image_column] if cells is not None else None
         try:
-            common.open_image(image, base_dir, verify_only=True)
+            common.open_image(image_cell(source, p["row"]), base_dir, verify_only=True)
         except common.ImageError as e:
             skipped.append({"id": p["id"], "row": p["row"], "reason": e.reason, "detail": str(e)})
             continue
-        prompts.append({"id": p["id"], "question": p["question"], "answer": p["answer"], "choices": p["choices"],
-                        "image": image, "base_dir": base_dir})
+        prompts.append({"index": len(prompts), "id": p["id"], "question": p["question"], "answer": p["answer"],
+                        "choices": p["choices"], "row": p["row"], "source": source})
     for reason in sorted({s["reason"] for s in skipped}):
         rows = [s for s in skipped if s["reason"] == reason]
-        print(f"{args.data}: skipped {len(rows)} row(s), {reason}: "
-              + "; ".join(f"row {s['row'] + 1} (id {s['id']}) {s['detail']}".strip() for s in rows[:3])
-              + (" ..." if len(rows) > 3 else ""))
+        log(f"{args.data}: skipped {len(rows)} row(s), {reason}: "
+            + "; ".join(f"row {s['row'] + 1} (id {s['id']}) {s['detail']}".strip() for s in rows[:3])
+            + (" ..." if len(rows) > 3 else ""))
     if not prompts:
         raise ValueError(f"{args.data}: no usable RL prompts (all {len(skipped)} rows skipped, reasons above)")
     return prompts
 
 
-def prompt_images(prompts, max_pixels):
-    """The batch's images, decoded now (a step's worth at a time, not the whole dataset in memory)."""
-    return [common.open_image(p["image"], p["base_dir"], max_pixels) for p in prompts]
+def image_cell(source, row):
+    return source["cells"][row][source["column"]] if source["cells"] is not None else None
+
+
+def batch_images(batch, prompts, max_pixels, log=print):
+    """(prompts, images) for a step, decoded now. A prompt whose image fails to decode (the start-up
+    check cannot catch every broken file) is replaced by the next one in `prompts` that decodes, so
+    the batch keeps its size, the same on every run and every process."""
+    out_prompts, images = [], []
+    for p in batch:
+        for q in (prompts[(p["index"] + k) % len(prompts)] for k in range(len(prompts))):
+            try:
+                images.append(common.open_image(image_cell(q["source"], q["row"]), q["source"]["base_dir"], max_pixels))
+                out_prompts.append(q)
+                break
+            except common.ImageError as e:
+                log(f"row {q['row'] + 1} (id {q['id']}): {e}; using the next prompt instead")
+        else:
+            raise ValueError("no RL prompt has an image that decodes")
+    return out_prompts, images
 
 
 def step_prompts(prompts, step, n, seed, rank, world):
@@ -316,10 +337,11 @@ def main(args: Args):
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     scheduler = common.cosine_schedule(optimizer, math.ceil(args.warmup_ratio * args.steps * args.mu),
                                        args.steps * args.mu, args.min_lr_ratio)
+    common.prepare_deepspeed(accelerator, args.micro_batch, args.grad_clip)
     model, optimizer = accelerator.prepare(model, optimizer)
     if sharded:
         accelerator.register_for_checkpointing(scheduler)  # stepped by us once per optimizer step
-    prompts = load_prompts(args)
+    prompts = load_prompts(args, log=accelerator.print)
     os.makedirs(args.out_dir, exist_ok=True)
     metrics_path, samples_path = os.path.join(args.out_dir, "metrics.jsonl"), os.path.join(args.out_dir, "samples.jsonl")
     ckpt = os.path.join(args.out_dir, "checkpoint")
@@ -352,23 +374,24 @@ def main(args: Args):
             break
         t0 = time.time()
         torch.manual_seed(args.seed * 1_000_003 + step * world + rank)  # sampling repeatable across --resume
-        batch_prompts = step_prompts(prompts, step, args.prompts_per_step, args.seed, rank, world)
+        batch_prompts, images = batch_images(step_prompts(prompts, step, args.prompts_per_step, args.seed, rank, world),
+                                             prompts, args.max_pixels, log=tqdm.write)
         P, G = len(batch_prompts), args.group_size
 
         # 1. Group sampling: every prompt G times, sampled at temperature T (old policy = current).
         enc = common.encode_prompts(processor, [p["question"] for p in batch_prompts],
-                                    prompt_images(batch_prompts, args.max_pixels), system)
+                                    images, system)
         enc = {k: v.to(accelerator.device) for k, v in enc.items()}
         group = repeat_for_group(enc, G, vision_start)  # (P*G, Lp)
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.eval()
         with accelerator.autocast():
-            # Sharded weights: every process must run the same number of forward passes, so the
-            # ones that finish first keep stepping until all are done (synced_gpus).
+            # Sharded weights (ZeRO-3, FSDP): every process must run the same number of forward passes,
+            # so the ones that finish first keep stepping until all are done (synced_gpus).
             completion, mask, texts = common.generate(unwrapped, processor, group, max_new_tokens=args.max_new_tokens,
                                                       temperature=args.temperature, top_p=args.top_p,
                                                       min_new_tokens=args.min_new_tokens,
-                                                      synced_gpus=sharded and world > 1)
+                                                      synced_gpus=common.weights_sharded(accelerator) or None)
         t_gen = time.time() - t0
 
         # 2. Rewards (Eqs. 4-8): every response against its OWN prompt's gold answer.
@@ -415,8 +438,9 @@ def main(args: Args):
             for s in starts:
                 mb = list(range(s, min(s + args.micro_batch, B)))
                 last = s == starts[-1]
-                # Gradients add up over the micro-batches and are exchanged once, after the last
-                # (DDP, FSDP: no_sync; DeepSpeed: its engine steps only when sync_gradients is set).
+                # Gradients add up over the micro-batches; one optimizer step after the last (DDP and
+                # FSDP also exchange them only then: no_sync; DeepSpeed's engine steps only when
+                # sync_gradients is set, though ZeRO-2/3 reduce at every backward).
                 accelerator.sync_gradients = last
                 with contextlib.nullcontext() if last else accelerator.no_sync(model):
                     logp = token_logprobs(model, select_rows(train, mb, vision_start), comp[mb], args.temperature,

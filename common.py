@@ -285,7 +285,7 @@ def completion_mask(completion_ids, eos_ids):
 
 @torch.no_grad()
 def generate(model, processor, batch, *, max_new_tokens, temperature=0.0, top_p=1.0, min_new_tokens=None,
-             synced_gpus=False):
+             synced_gpus=None):
     """Sample (temperature > 0, plain softmax(logits / T) with top-p, no top-k) or decode greedily.
 
     Returns (completion_ids (B, T), completion_mask (B, T), texts). Vision special tokens are
@@ -348,7 +348,8 @@ def open_image(ref, base_dir="", max_pixels=0, verify_only=False):
     ref: a PIL image, a path (a relative one starts from `base_dir`), raw bytes, the hub's undecoded
     {"bytes", "path"} struct, or a list of those (several images: stacked top to bottom, one picture).
     The pixels are decoded here, so a truncated file fails now and not inside a batch; `verify_only`
-    checks the file without decoding (fast, for a first pass over a large dataset) and returns None.
+    checks the file without decoding (fast, for a first pass over a large dataset; PIL's verify checks
+    PNG checksums but not every format, so a later decode can still fail) and returns None.
     Downscaled to at most max_pixels (0 = as it is), keeping the aspect ratio. Raises ImageError.
     """
     import io
@@ -358,11 +359,10 @@ def open_image(ref, base_dir="", max_pixels=0, verify_only=False):
     if ref is None or (isinstance(ref, str) and not ref.strip()):
         return None
     if isinstance(ref, list):
-        images = [open_image(r, base_dir, 0, verify_only) for r in ref if r is not None]
-        if verify_only or not images:
+        images = [im for im in (open_image(r, base_dir, 0, verify_only) for r in ref) if im is not None]
+        if not images:  # verify_only, or only empty entries
             return None
-        image = images[0] if len(images) == 1 else _stack(images)
-        return _downscale(image, max_pixels)
+        return _downscale(images[0] if len(images) == 1 else _stack(images), max_pixels)
     if isinstance(ref, Image.Image):
         return None if verify_only else _downscale(ref.convert("RGB"), max_pixels)
     data, path = (ref.get("bytes"), ref.get("path")) if isinstance(ref, dict) else \
@@ -441,7 +441,8 @@ def load_problems(args, size, seed):
 
     The toy makes `size` problems from seed range `seed`; other data is cut to a `seed`-shuffled
     sample of `size` rows (0 = all). Images stay encoded (decoded batch by batch with open_image, so
-    a broken one costs its row, not the run). A column that is not there is an error naming those found.
+    a broken one costs its row, not the run). A column that is not there is an error naming those
+    found, except --choices_column and --id_column left at their defaults: `args` then says '' (none).
     """
     import datasets
 
@@ -460,6 +461,9 @@ def load_problems(args, size, seed):
         raise FileNotFoundError(f"--data {args.data}: no such file")
     else:
         ds = datasets.load_dataset(args.data, split=args.split)
+    for name in ("choices_column", "id_column"):  # left at their defaults, these may be absent: none
+        if getattr(args, name) == DataArgs.__dataclass_fields__[name].default and getattr(args, name) not in ds.column_names:
+            setattr(args, name, "")
     columns = {"image": args.image_column, "question": args.question_column, "answer": args.answer_column,
                "choices": args.choices_column, "id": args.id_column}
     missing = [f"--{k}_column {v!r}" for k, v in columns.items() if v and v not in ds.column_names]
@@ -625,6 +629,30 @@ def is_sharded(accelerator) -> bool:
     from accelerate import DistributedType
 
     return accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+
+
+def weights_sharded(accelerator) -> bool:
+    """ZeRO-3 or FSDP: each process holds only a shard of the weights, so every forward pass is a
+    collective that all processes must join (generation then needs synced_gpus)."""
+    from accelerate import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.state.deepspeed_plugin.zero_stage == 3
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def prepare_deepspeed(accelerator, micro_batch, grad_clip):
+    """DeepSpeed wants its per-GPU micro-batch before `prepare` (which gets no dataloader here), and
+    clips gradients with its own config's value: say so when it differs from ours."""
+    from accelerate import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = micro_batch
+    clip = config.get("gradient_clipping")
+    if clip not in (None, "auto") and float(clip) != grad_clip:
+        accelerator.print(f"note: DeepSpeed clips gradients at {clip} (its config's gradient_clipping), not at {grad_clip}")
 
 
 def save_checkpoint(accelerator, path, *, model, optimizer, scheduler, step, extra=None, sharded=False):

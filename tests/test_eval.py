@@ -331,6 +331,7 @@ def test_open_image_reads_paths_bytes_hub_structs_and_stacks_lists(tmp_path):
     assert common.open_image(data).size == (20, 10) and common.open_image(data).mode == "RGB"
     assert common.open_image({"bytes": data, "path": "x.png"}).size == (20, 10)
     assert common.open_image([data, {"bytes": data, "path": None}]).size == (20, 20)
+    assert common.open_image([data, "", {"bytes": None, "path": None}]).size == (20, 10)  # empty entries: none
     assert common.open_image(None) is None and common.open_image("") is None
     with pytest.raises(ValueError, match="nowhere.png"):
         common.open_image(str(tmp_path / "nowhere.png"))

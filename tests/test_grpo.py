@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from PIL import Image
 
 import common
 import rewards
@@ -172,22 +173,28 @@ def test_two_process_accelerate_cpu_run(base_model_dir, tmp_path):
 
 
 def test_local_jsonl_prompts_and_bad_rows(tmp_path, capsys):
-    ds = toy.toy_dataset("test", 2)
+    ds = toy.toy_dataset("test", 3)
     rows = []
     for r in ds:
         r["image"].save(tmp_path / f"{r['id']}.png")
-        rows.append({"id": r["id"], "question": r["question"], "answer": r["answer"], "choices": r["choices"],
-                     "image": f"{r['id']}.png"})
-    for r in rows + [{**rows[0], "id": "broken", "image": "missing.png"}, {**rows[1], "id": "no-gold", "answer": ""}]:
+        rows.append({"question": r["question"], "answer": r["answer"], "image": f"{r['id']}.png"})  # no id, no choices
+    # A JPEG cut short passes the start-up check (PIL verifies only PNG checksums) but not decoding.
+    Image.effect_noise((112, 112), 60).convert("RGB").save(tmp_path / "whole.jpg")
+    (tmp_path / "cut.jpg").write_bytes((tmp_path / "whole.jpg").read_bytes()[:3000])
+    rows[2]["image"] = "cut.jpg"
+    for r in rows + [{**rows[0], "image": "missing.png"}, {**rows[1], "answer": ""}]:
         common.append_jsonl(tmp_path / "rl.jsonl", r)
-    prompts = grpo.load_prompts(grpo.Args(data=str(tmp_path / "rl.jsonl")))
-    # The two good rows are kept, images decoded a batch at a time; the bad ones are reported by row and id.
-    assert [p["answer"] for p in prompts] == list(ds["answer"])
-    assert grpo.prompt_images(prompts, 0)[0].size == (112, 112)
+    prompts = grpo.load_prompts(grpo.Args(data=str(tmp_path / "rl.jsonl")))  # all rows: no --train_size
+    assert [p["answer"] for p in prompts] == list(ds["answer"]) and [p["id"] for p in prompts] == ["row0", "row1", "row2"]
+    assert common.open_image("cut.jpg", str(tmp_path), verify_only=True) is None  # passes the check
     out = capsys.readouterr().out
-    assert "skipped 1 row(s), missing image: row 3 (id broken)" in out and "missing.png" in out
-    assert "skipped 1 row(s), empty gold: row 4 (id no-gold)" in out
-    (tmp_path / "bad.jsonl").write_text((tmp_path / "rl.jsonl").read_text().splitlines()[2] + "\n")
+    assert "skipped 1 row(s), missing image: row 4 (id row3)" in out and "missing.png" in out
+    assert "skipped 1 row(s), empty gold: row 5 (id row4)" in out
+    # At a step, the undecodable image's prompt is replaced by the next one (wrapping round), and said so.
+    batch, images = grpo.batch_images([prompts[2], prompts[1]], prompts, 0)
+    assert [p["id"] for p in batch] == ["row0", "row1"] and [im.size for im in images] == [(112, 112)] * 2
+    assert "row 3 (id row2): cannot read" in capsys.readouterr().out
+    (tmp_path / "bad.jsonl").write_text((tmp_path / "rl.jsonl").read_text().splitlines()[3] + "\n")
     with pytest.raises(ValueError, match="no usable RL prompts"):
         grpo.load_prompts(grpo.Args(data=str(tmp_path / "bad.jsonl")))
 
@@ -205,9 +212,9 @@ def test_prompts_from_a_parquet_with_other_column_names_and_no_images(tmp_path):
     prompts = grpo.load_prompts(args)
     assert len(prompts) == 4 and {p["id"] for p in prompts} <= {f"row{i}" for i in range(6)}
     assert {(p["question"], p["answer"]) for p in prompts} <= set(zip(ds["problem"], ds["solution_letter"]))
-    assert all(im.size == (112, 112) for im in grpo.prompt_images(prompts, 0))
+    assert all(im.size == (112, 112) for im in grpo.batch_images(prompts, prompts, 0)[1])
     text_only = grpo.load_prompts(grpo.Args(data=str(tmp_path / "rl.parquet"), question_column="problem",
                                             answer_column="solution_letter", image_column=""))
-    assert len(text_only) == 6 and grpo.prompt_images(text_only[:2], 0) == [None, None]
+    assert len(text_only) == 6 and grpo.batch_images(text_only[:2], text_only, 0)[1] == [None, None]
     with pytest.raises(ValueError, match=r"--answer_column 'answer'.*'solution_letter'"):
         grpo.load_prompts(grpo.Args(data=str(tmp_path / "rl.parquet"), question_column="problem"))
