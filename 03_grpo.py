@@ -232,7 +232,7 @@ def score_responses(texts, prompts, G, reward_fn):
 # Data
 
 
-def load_prompts(args, log=print):
+def load_prompts(args, log=print, progress=True):
     """RL prompts from --data (the toy, a hub dataset or a local file, with 01's column flags): dicts
     with id, question, answer, choices, and the dataset `row` that `batch_images` reads the image of.
 
@@ -248,7 +248,7 @@ def load_prompts(args, log=print):
     source = {"cells": ds.select_columns([args.image_column]) if args.image_column else None,
               "column": args.image_column, "base_dir": base_dir}
     prompts = []
-    for p in problems:
+    for p in tqdm(problems, desc="checking images", disable=not progress or len(problems) < 10_000 or source["cells"] is None):
         try:
             common.open_image(image_cell(source, p["row"]), base_dir, verify_only=True)
         except common.ImageError as e:
@@ -341,7 +341,7 @@ def main(args: Args):
     model, optimizer = accelerator.prepare(model, optimizer)
     if sharded:
         accelerator.register_for_checkpointing(scheduler)  # stepped by us once per optimizer step
-    prompts = load_prompts(args, log=accelerator.print)
+    prompts = load_prompts(args, log=accelerator.print, progress=is_main)
     os.makedirs(args.out_dir, exist_ok=True)
     metrics_path, samples_path = os.path.join(args.out_dir, "metrics.jsonl"), os.path.join(args.out_dir, "samples.jsonl")
     ckpt = os.path.join(args.out_dir, "checkpoint")
