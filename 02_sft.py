@@ -117,7 +117,8 @@ class Args:
     """QLoRA: frozen nf4 base weights (bitsandbytes), bf16 compute on GPU; implies LoRA (r 16 unless set)"""
     save_dtype: str = "auto"
     """dtype of the saved full model: 'auto' = bf16 after bf16-autocast training on a GPU (fp32 masters
-    were for the updates), else as trained; 'float32' or 'bfloat16'. LoRA adapters are saved as trained"""
+    were for the updates), else as trained; 'float32', 'bfloat16' or 'float16'. LoRA adapters and
+    ZeRO/FSDP runs save what they train"""
     merge_lora: bool = False
     """LoRA: also save a merged full model under out_dir/merged"""
     freeze_vision: bool = True
@@ -421,6 +422,12 @@ def main(args: Args):
         summary["rank_digests"] = digests
         if len(set(digests)) > 1:
             raise RuntimeError(f"processes disagree on the trained weights: {digests}")
+    if is_main and do_eval:  # before save_final, which may cast the weights: same dtype as the "before" check
+        summary["after"], samples = common.evaluate_toy(accelerator.unwrap_model(model), processor, n=args.eval_size,
+                                                 style=style, max_new_tokens=args.eval_max_new_tokens,
+                                                 batch_size=args.eval_batch_size, desc="eval after")
+        with open(os.path.join(args.out_dir, "eval_samples.jsonl"), "a") as f:
+            f.writelines(json.dumps({"when": "after", **s}) + "\n" for s in samples)
     common.save_final(accelerator, model, processor, args.out_dir, sharded=sharded, merge_lora=args.merge_lora,
                       dtype=args.save_dtype)
 
@@ -429,16 +436,10 @@ def main(args: Args):
         common.plot_metrics(rows, ["loss", "lr"], os.path.join(args.out_dir, "loss.png"),
                             title=f"SFT on {os.path.basename(args.data)}")
         summary.update(train_seconds=round(train_seconds, 1), first_loss=rows[0]["loss"], final_loss=rows[-1]["loss"])
-        if do_eval:
-            summary["after"], samples = common.evaluate_toy(accelerator.unwrap_model(model), processor, n=args.eval_size,
-                                                     style=style, max_new_tokens=args.eval_max_new_tokens,
-                                                     batch_size=args.eval_batch_size, desc="eval after")
-            with open(os.path.join(args.out_dir, "eval_samples.jsonl"), "a") as f:
-                f.writelines(json.dumps({"when": "after", **s}) + "\n" for s in samples)
-            for key, name in (("before_plain", "before SFT, plain prompt"), ("before", f"before SFT, {style} prompt"),
-                              ("after", f"after SFT,  {style} prompt")):
-                if key in summary:
-                    log(eval_line(name, summary[key]))
+        for key, name in (("before_plain", "before SFT, plain prompt"), ("before", f"before SFT, {style} prompt"),
+                          ("after", f"after SFT,  {style} prompt")):
+            if key in summary:
+                log(eval_line(name, summary[key]))
         summary["total_seconds"] = round(time.time() - t_start, 1)
         with open(os.path.join(args.out_dir, "sft_summary.json"), "w") as f:
             json.dump(summary, f, indent=2)

@@ -102,7 +102,8 @@ class Args(common.DataArgs):
     """sequences per log-prob forward pass (bounds logits memory)"""
     save_dtype: str = "auto"
     """dtype of the saved full model: 'auto' = bf16 after bf16-autocast training on a GPU (fp32 masters
-    were for the updates), else as trained; 'float32' or 'bfloat16'. LoRA adapters are saved as trained"""
+    were for the updates), else as trained; 'float32', 'bfloat16' or 'float16'. LoRA adapters and
+    ZeRO/FSDP runs save what they train"""
     lora_r: int = 0
     """LoRA rank (0 = full fine-tuning of the language model; 16 when --load_in_4bit or the model is an adapter)"""
     load_in_4bit: bool = False
@@ -220,6 +221,21 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, args):
         n = mask.sum().clamp(min=1)
         stats = {"kl": ((kl * mask).sum() / n).item(), "clip_frac": ((clipped * mask).sum() / n).item()}
     return loss, stats
+
+
+def training_rows(keep, G, lockstep):
+    """(rows, weights): which of the P*G responses the update runs over, and each row's weight on its
+    token mask. Normally the kept groups' rows, weight 1. `lockstep` (ZeRO or FSDP with several
+    processes, where every forward and backward is a collective that all processes must join, so
+    they must run the same number of micro-batches): every row, filtered groups weighted 0."""
+    rows = [i * G + g for i in range(len(keep)) if keep[i] or lockstep for g in range(G)]
+    return rows, torch.tensor([float(keep[r // G]) for r in rows])
+
+
+def micro_batch_share(how, mask_mb, n_tokens, n_kept_rows):
+    """A micro-batch's share of the batch loss, so that the shares of all micro-batches sum to the
+    batch's loss_agg: its tokens (token-mean) or its rows (the per-response means) over the batch's."""
+    return mask_mb.sum() / n_tokens if how == "token-mean" else len(mask_mb) / n_kept_rows
 
 
 def score_responses(texts, prompts, G, reward_fn):
@@ -408,9 +424,9 @@ def main(args: Args):
             # Every rank must take the same optimizer steps (DDP syncs in backward): train on one
             # group with zero advantages, i.e. a zero-gradient update.
             keep[0], advantages[0] = True, 0.0
-        rows = [i * G + g for i in range(P) if keep[i] for g in range(G)]
+        rows, weight = training_rows(keep, G, lockstep=sharded and world > 1)
         train = select_rows(group, rows, vision_start)
-        comp, cmask = completion[rows], mask[rows].float()
+        comp, cmask = completion[rows], mask[rows].float() * weight[:, None].to(mask.device)
         adv = advantages.flatten()[rows].to(accelerator.device)
         t_score = time.time() - t0 - t_gen
 
@@ -431,7 +447,7 @@ def main(args: Args):
 
         # 5. mu optimizer steps on the clipped surrogate (Eq. 2), gradients accumulated over
         # micro-batches; the loss of each micro-batch is scaled so the sum is the batch loss.
-        n_tok, B = cmask.sum().clamp(min=1), len(rows)
+        n_tok, B, n_kept = cmask.sum().clamp(min=1), len(rows), int(keep.sum()) * G
         for _ in range(args.mu):
             stats_sum = {"kl": 0.0, "clip_frac": 0.0, "loss": 0.0}
             starts = list(range(0, B, args.micro_batch))
@@ -449,7 +465,7 @@ def main(args: Args):
                     loss, st = grpo_loss(logp, old, None if ref_logp is None else ref_logp[mb],
                                          adv[mb], cmask[mb], args)
                     # Rescale the micro-batch's loss to its share of the whole batch.
-                    share = cmask[mb].sum() / n_tok if args.loss_agg == "token-mean" else len(mb) / B
+                    share = micro_batch_share(args.loss_agg, cmask[mb], n_tok, n_kept)
                     accelerator.backward(loss * share)
                 for k in st:
                     stats_sum[k] += st[k] * float(share)

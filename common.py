@@ -464,6 +464,9 @@ def load_problems(args, size, seed):
     for name in ("choices_column", "id_column"):  # left at their defaults, these may be absent: none
         if getattr(args, name) == DataArgs.__dataclass_fields__[name].default and getattr(args, name) not in ds.column_names:
             setattr(args, name, "")
+            if name == "id_column":
+                print(f"{args.data}: no 'id' column: rows are numbered row0, row1, ... within the sample, so "
+                      "resuming into the same output folder needs the same --seed and sample size")
     columns = {"image": args.image_column, "question": args.question_column, "answer": args.answer_column,
                "choices": args.choices_column, "id": args.id_column}
     missing = [f"--{k}_column {v!r}" for k, v in columns.items() if v and v not in ds.column_names]
@@ -651,7 +654,9 @@ def prepare_deepspeed(accelerator, micro_batch, grad_clip):
     config = accelerator.state.deepspeed_plugin.deepspeed_config
     config["train_micro_batch_size_per_gpu"] = micro_batch
     clip = config.get("gradient_clipping")
-    if clip not in (None, "auto") and float(clip) != grad_clip:
+    if clip in (None, "auto"):  # unset: ours (DeepSpeed would not clip; accelerate would fill in 1.0)
+        config["gradient_clipping"] = grad_clip
+    elif float(clip) != grad_clip:
         accelerator.print(f"note: DeepSpeed clips gradients at {clip} (its config's gradient_clipping), not at {grad_clip}")
 
 
@@ -696,9 +701,10 @@ def save_final(accelerator, model, processor, out_dir, *, sharded=False, merge_l
     """The trained model as safetensors in out_dir; every process calls it. Sharded: the full state
     dict is gathered first (a collective), then the main process writes it.
 
-    dtype (full fine-tuning): 'auto' = bf16 after a bf16-autocast run, whose fp32 master weights
-    were there for the updates only (half the disk; what the paper's checkpoints are), else as
-    trained; or 'float32' / 'bfloat16'. The model is cast in place: call this when training is done.
+    dtype (full fine-tuning, not sharded): 'auto' = bf16 after a bf16-autocast run, whose fp32 master
+    weights were there for the updates only (half the disk; what the paper's checkpoints are), else
+    as trained; or 'float32' / 'bfloat16' / 'float16'. The model is cast in place: call this when
+    training is done. Sharded runs save what they gather (ZeRO: its bf16 weights; FSDP: fp32).
     """
     dtype = (torch.bfloat16 if accelerator.mixed_precision == "bf16" else None) if dtype == "auto" else \
         getattr(torch, dtype)
@@ -711,9 +717,7 @@ def save_final(accelerator, model, processor, out_dir, *, sharded=False, merge_l
     else:
         if merge_lora:
             accelerator.print("--merge_lora is not supported under ZeRO/FSDP; merge the saved adapter afterwards")
-        state_dict = accelerator.get_state_dict(model)
-        if dtype is not None and full:
-            state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+        state_dict = accelerator.get_state_dict(model)  # ZeRO-3: None on all processes but the main one
         if accelerator.is_main_process:
             accelerator.unwrap_model(model).save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
             processor.save_pretrained(out_dir)

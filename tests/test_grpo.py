@@ -122,6 +122,36 @@ def test_loss_aggregations_differ_as_documented():
     assert grpo.aggregate(per_token, mask, "seq-mean-token-sum-norm").item() == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("how", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_lockstep_rows_give_the_same_loss_and_gradient_as_dropping_filtered_groups(how):
+    """Under ZeRO/FSDP every process keeps all its groups (filtered ones weighted 0), so that all run
+    the same number of micro-batches; the update must be the one of the kept groups alone."""
+    torch.manual_seed(0)
+    P, G, T, micro = 4, 3, 5, 4
+    keep = torch.tensor([True, False, True, False])
+    logp_all = torch.randn(P * G, T, requires_grad=True)
+    old, adv = logp_all.detach() + 0.1 * torch.randn(P * G, T), torch.randn(P * G)
+    mask = (torch.rand(P * G, T) > 0.3).float()
+    args = SimpleNamespace(clip_eps=0.2, clip_eps_high=0.0, kl_coef=0.0, loss_agg=how)
+    totals, grads = [], []
+    for lockstep in (False, True):
+        rows, weight = grpo.training_rows(keep, G, lockstep)
+        assert len(rows) == (P * G if lockstep else 2 * G)
+        cmask = mask[rows] * weight[:, None]
+        n_tok, n_kept = cmask.sum().clamp(min=1), int(keep.sum()) * G
+        total = 0.0
+        for s in range(0, len(rows), micro):
+            mb = rows[s:s + micro]
+            loss, _ = grpo.grpo_loss(logp_all[mb], old[mb], None, adv[mb], cmask[s:s + micro], args)
+            total = total + loss * grpo.micro_batch_share(how, cmask[s:s + micro], n_tok, n_kept)
+        logp_all.grad = None
+        total.backward()
+        totals.append(total.item())
+        grads.append(logp_all.grad.clone())
+    assert totals[0] == pytest.approx(totals[1], rel=1e-6, abs=1e-7)
+    assert torch.allclose(grads[0], grads[1], atol=1e-7)
+
+
 def test_clipping_stops_gradient_beyond_the_trust_region():
     args = SimpleNamespace(clip_eps=0.2, clip_eps_high=0.0, kl_coef=0.0, loss_agg="token-mean")
     logp = torch.tensor([[0.5]], requires_grad=True)  # ratio e^0.5 = 1.65 > 1.2
