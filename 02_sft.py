@@ -62,7 +62,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -362,8 +361,7 @@ def main(args: Args):
     if not resuming and is_main:  # a fresh run replaces an earlier run's log and checkpoint
         if os.path.exists(metrics_path):
             os.remove(metrics_path)
-        for p in (ckpt_dir, ckpt_dir + ".old"):
-            shutil.rmtree(p, ignore_errors=True)
+        common.remove_checkpoint(ckpt_dir)
 
     # ---- training loop: one iteration = one optimizer step over the effective batch
     model.train()

@@ -23,7 +23,6 @@ import contextlib
 import copy
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 
@@ -376,8 +375,7 @@ def main(args: Args):
         for p in (metrics_path, samples_path):
             if os.path.exists(p):
                 os.remove(p)
-        for p in (ckpt, ckpt + ".old"):
-            shutil.rmtree(p, ignore_errors=True)
+        common.remove_checkpoint(ckpt)
     if is_main:
         config = {"start": start, **asdict(args), "lora_r_used": lora_r}
         common.append_jsonl(os.path.join(args.out_dir, "config.jsonl"), config)
@@ -509,7 +507,6 @@ def main(args: Args):
                                                        "gold": batch_prompts[i // G]["answer"], "response": texts[i],
                                                        **{k: scored[i][k] for k in rewards.REWARD_KEYS}})
         if args.save_every and (step + 1) % args.save_every == 0:
-            accelerator.wait_for_everyone()
             common.save_checkpoint(accelerator, ckpt, model=model, optimizer=optimizer, scheduler=scheduler,
                                    step=step + 1, sharded=sharded)
 

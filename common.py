@@ -609,6 +609,12 @@ def find_checkpoint(path):
     return None
 
 
+def remove_checkpoint(path):
+    """Delete the checkpoint at `path` and any `path.old` beside it (a fresh run starts clean)."""
+    for p in (path, path.rstrip("/") + ".old"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
 def load_training_state(path, *, model, optimizer, scheduler):
     """Restore what `save_training_state` wrote; returns (step, extra)."""
     from safetensors.torch import load_file
@@ -706,11 +712,10 @@ def save_final(accelerator, model, processor, out_dir, *, sharded=False, merge_l
     as trained; or 'float32' / 'bfloat16' / 'float16'. The model is cast in place: call this when
     training is done. Sharded runs save what they gather (ZeRO: its bf16 weights; FSDP: fp32).
     """
-    dtype = (torch.bfloat16 if accelerator.mixed_precision == "bf16" else None) if dtype == "auto" else \
-        getattr(torch, dtype)
-    full = not hasattr(accelerator.unwrap_model(model), "peft_config")
     if not sharded:
-        if dtype is not None and full:
+        dtype = (torch.bfloat16 if accelerator.mixed_precision == "bf16" else None) if dtype == "auto" else \
+            getattr(torch, dtype)
+        if dtype is not None and not hasattr(accelerator.unwrap_model(model), "peft_config"):  # full fine-tuning
             accelerator.unwrap_model(model).to(dtype)
         if accelerator.is_main_process:
             save_model(accelerator.unwrap_model(model), processor, out_dir, merge_lora=merge_lora)
@@ -726,7 +731,6 @@ def save_final(accelerator, model, processor, out_dir, *, sharded=False, merge_l
 
 def cosine_schedule(optimizer, warmup_steps, total_steps, min_ratio=0.0):
     """Linear warm-up then cosine decay to `min_ratio` x lr."""
-    import math
 
     def f(step):
         if step < warmup_steps:
