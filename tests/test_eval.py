@@ -455,7 +455,7 @@ def test_script_with_a_broken_image_in_a_local_copy(tiny_model, tmp_path):
     (data / "images").mkdir(parents=True)
     Image.new("RGB", (120, 90), "white").save(data / "images" / "1.jpg")
     (data / "images" / "2.jpg").write_bytes(b"not an image")
-    rows = [{"id": str(i), "question": f"How many dots? <image1>", "options": [], "answer": "3",
+    rows = [{"id": str(i), "question": "How many dots? <image1>", "options": [], "answer": "3",
              "subject": "counting", "image": f"images/{i}.jpg", "level": 1, "solution": None} for i in (1, 2, 3)]
     (data / "testmini.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     stdout = run_eval("--benchmark", "mathvision", "--split", "testmini", "--data_dir", str(data),

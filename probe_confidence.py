@@ -1,0 +1,199 @@
+"""Probe (toy only, not a stage of the paper): does the model know when it has misread the image?
+
+A reflection can only fix a wrong answer without breaking right ones if something tells the model
+which of its answers are wrong. On the toy most errors are misreads ("blue: 2." when there are 3),
+so this asks the simplest version of that question. The model answers the toy test problems
+greedily; for each value it read in its first <think> (the " 3" of "blue: 3.") the probe takes the
+probability the model gave that value and its second choice, and reports:
+
+1. per problem family, how well that probability separates right from wrong reads (ROC AUC:
+   0.5 = no signal, 1 = perfect). The within-family figure is the one that matters: the family
+   alone (bars are easy, busy dot charts are hard) is a signal a reflection could learn blindly.
+2. the best a reflection could do with that signal alone: "re-read every value below a confidence
+   threshold as the model's second choice", swept over thresholds, and at the best threshold of
+   each family chosen on the test problems themselves (an optimistic bound). Answers are recomputed
+   from the values read, so an answer the model wrote against its own reading (right or wrong by
+   luck) counts as what its reading implies.
+
+    python probe_confidence.py                                   # the base model, plain prompt
+    python probe_confidence.py --model runs/toy/sft --prompt reflect
+
+Writes `--out` (JSON) and prints two tables.
+"""
+
+import json
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+import common
+import toy
+
+READ_RE = re.compile(r"\b(red|green|blue): (\d+)\.")
+
+
+@dataclass
+class Args:
+    """Does the model's confidence in a value it reads off the image predict whether the value is right?"""
+
+    model: str = "runs/toy/base"
+    """model directory (toy)"""
+    prompt: str = "plain"
+    """system prompt: plain (base, plain-CoT models) or reflect (reflection SFT, SRPO)"""
+    n: int = 300
+    """toy test problems"""
+    batch_size: int = 50
+    """problems per forward pass"""
+    max_new_tokens: int = 128
+    """response length limit"""
+    out: str = ""
+    """JSON output (default: runs/probe/<model dir name>.json)"""
+
+
+def auc(scores_right, scores_wrong):
+    """ROC AUC: the chance that a random right read scored higher than a random wrong one (ties 1/2)."""
+    if not scores_right or not scores_wrong:
+        return None
+    wins = sum((r > w) + 0.5 * (r == w) for r in scores_right for w in scores_wrong)
+    return wins / (len(scores_right) * len(scores_wrong))
+
+
+THRESHOLDS = [round(0.1 * i, 1) for i in range(10)]
+
+
+def read_probabilities(model, processor, problems, responses, system_prompt):
+    """For each response, the values read in its first <think>, in order: dicts with `colour`, `value`,
+    `p` (the probability the model gave that value token), `second` (its likeliest other value) and `p_second`."""
+    tok = processor.tokenizer
+    digit_ids = {}
+    for d in range(10):
+        ids = tok.encode(f" {d}", add_special_tokens=False)
+        if len(ids) == 1:
+            digit_ids[d] = ids[0]
+    batch = common.encode_sft(processor, [p["question"] for p in problems], [p["image"] for p in problems],
+                              responses, system_prompt)
+    labels = batch.pop("labels")
+    with torch.no_grad():
+        probs = model(**batch).logits.float().softmax(-1)
+    out = []
+    for i, response in enumerate(responses):
+        reads = READ_RE.findall(response.split("</think>")[0])
+        # Position k predicts token k + 1. The read values are the digit tokens of the response that
+        # directly follow a ":" token, in order.
+        targets = [(k, t) for k, t in enumerate(labels[i, 1:].tolist()) if t != -100]
+        value_pos = [k for j, (k, t) in enumerate(targets)
+                     if j and t in digit_ids.values() and tok.decode([targets[j - 1][1]]).endswith(":")]
+        row = []
+        for (colour, value), k in zip(reads, value_pos):
+            p = {d: probs[i, k, t].item() for d, t in digit_ids.items()}
+            second = max((d for d in p if d != int(value)), key=p.get)
+            row.append({"colour": colour, "value": int(value), "p": p.get(int(value), 0.0), "second": second,
+                        "p_second": p[second]})
+        out.append(row)
+    return out
+
+
+def answer_from(problem, values):
+    """The toy answer (letter or number) that the values read for `problem` lead to; None if one is missing."""
+    sol = json.loads(problem["solution"])
+    colours = [c for c, _ in sol["reads"]]
+    if any(c not in values for c in colours):
+        return None
+    result = toy.solve([(c, values[c]) for c in colours], sol["op"])
+    return "ABC"[problem["choices"].index(result)] if problem["choices"] else str(result)
+
+
+def reread(problem, reads, threshold):
+    """Right/wrong of the answer after replacing every value read with p < threshold by the second choice."""
+    values = {r["colour"]: r["second"] if r["p"] < threshold else r["value"] for r in reads}
+    return answer_from(problem, values) == problem["answer"]
+
+
+def main(args: Args):
+    model, processor = common.load_policy(args.model)
+    model.eval()
+    test = toy.toy_dataset("test", args.n)
+    system_prompt = common.SYSTEM_PROMPTS[args.prompt]
+    responses = common.generate_responses(model, processor, test["question"], test["image"],
+                                          system_prompt=system_prompt, max_new_tokens=args.max_new_tokens,
+                                          batch_size=args.batch_size, desc="answer")
+    problems, all_reads = [], []
+    for i in range(0, args.n, args.batch_size):
+        chunk = [test[j] for j in range(i, min(i + args.batch_size, args.n))]
+        problems += chunk
+        all_reads += read_probabilities(model, processor, chunk, responses[i:i + len(chunk)], system_prompt)
+
+    # 1. Confidence of right vs wrong reads.
+    by_family = defaultdict(lambda: {"right": [], "wrong": []})
+    for p, reads in zip(problems, all_reads):
+        truth = dict(json.loads(p["solution"])["reads"])
+        for r in reads:
+            if r["colour"] in truth:  # a colour the question is not about is neither right nor wrong
+                by_family[p["family"]]["right" if truth[r["colour"]] == r["value"] else "wrong"].append(r["p"])
+    rows = {}
+    for fam, s in sorted(by_family.items()):
+        n = len(s["right"]) + len(s["wrong"])
+        rows[fam] = {"reads": n, "read_right": len(s["right"]) / n,
+                     "mean_prob_right": sum(s["right"]) / len(s["right"]) if s["right"] else None,
+                     "mean_prob_wrong": sum(s["wrong"]) / len(s["wrong"]) if s["wrong"] else None,
+                     "auc": auc(s["right"], s["wrong"])}
+    pooled = auc([p for s in by_family.values() for p in s["right"]], [p for s in by_family.values() for p in s["wrong"]])
+    scored = {f: r for f, r in rows.items() if r["auc"] is not None}
+    within = (sum(r["auc"] * r["reads"] for r in scored.values()) / sum(r["reads"] for r in scored.values())
+              if scored else None)
+
+    # 2. The best a confidence-driven re-read could do. Threshold 0 changes nothing (the first answer,
+    # recomputed from the values read, so a written slip in the arithmetic does not count).
+    n = len(problems)
+    first = [reread(p, r, 0.0) for p, r in zip(problems, all_reads)]
+    sweep = []
+    for t in THRESHOLDS:
+        after = [reread(p, r, t) for p, r in zip(problems, all_reads)]
+        sweep.append({"threshold": t, "accuracy": sum(after) / n,
+                      "wrong_to_right": sum(a and not f for a, f in zip(after, first)) / n,
+                      "right_to_wrong": sum(f and not a for a, f in zip(after, first)) / n})
+    best_per_family = {}
+    for fam in sorted({p["family"] for p in problems}):
+        idx = [i for i, p in enumerate(problems) if p["family"] == fam]
+        right = {t: sum(reread(problems[i], all_reads[i], t) for i in idx) for t in THRESHOLDS}
+        t_best = max(THRESHOLDS, key=lambda t: (right[t], -t))
+        best_per_family[fam] = {"threshold": t_best, "first": sum(first[i] for i in idx) / len(idx),
+                                "after": right[t_best] / len(idx)}
+    bound = sum(r["after"] * sum(p["family"] == f for p in problems) for f, r in best_per_family.items()) / n
+
+    result = {"model": args.model, "prompt": args.prompt, "n": n, "per_family": rows,
+              "auc_pooled": pooled, "auc_within_family": within,
+              "first_accuracy_from_reads": sum(first) / n, "reread_sweep": sweep,
+              "reread_best_per_family": best_per_family, "reread_bound": bound}
+    out = args.out or os.path.join("runs", "probe", os.path.basename(os.path.normpath(args.model)) + ".json")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+
+    fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+    print(f"\n{args.model}: how sure is the model of the values it reads, right vs wrong?\n")
+    print("| family | reads | read right % | mean p (right reads) | mean p (wrong reads) | AUC |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for fam, r in rows.items():
+        print(f"| {fam} | {r['reads']} | {100 * r['read_right']:.1f} | {fmt(r['mean_prob_right'])} | "
+              f"{fmt(r['mean_prob_wrong'])} | {fmt(r['auc'])} |")
+    print(f"\nAUC pooled over families {fmt(pooled)}, within families (weighted by reads) {fmt(within)}; "
+          "0.5 = no signal.")
+    print("\nRe-reading every value below a threshold as the model's second choice:\n")
+    print("| threshold | accuracy % | wrong→right % | right→wrong % |")
+    print("|---:|---:|---:|---:|")
+    for r in sweep:
+        print(f"| {r['threshold']:.1f} | {100 * r['accuracy']:.1f} | {100 * r['wrong_to_right']:.1f} | "
+              f"{100 * r['right_to_wrong']:.1f} |")
+    print(f"\nBest threshold per family, chosen on these problems: {100 * bound:.1f}% "
+          f"(first answers recomputed from the values read: {100 * sum(first) / n:.1f}%; "
+          + ", ".join(f"{f} {100 * r['first']:.0f}->{100 * r['after']:.0f}% at {r['threshold']}"
+                      for f, r in best_per_family.items()) + f"). -> {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main(common.parse_args(Args))
