@@ -6,7 +6,7 @@ on the toy corpus, a tiny Qwen2.5-VL (the real architecture, ~1M parameters) and
 deliberately incomplete training run on plain chain of thought, so the model answers in format but
 is often wrong (the target is 30-70% accuracy on the toy test split).
 
-    python 00_base_model.py                      # -> runs/toy/base, ~2 minutes on 2 CPU cores
+    python 00_base_model.py                      # -> runs/toy/base, ~3.5 minutes on 2 CPU cores
 
 Writes the model, tokenizer and processor (safetensors + configs, loadable with
 `common.load_policy`), `train_log.jsonl` and `eval.json` (accuracy per problem family).

@@ -13,8 +13,11 @@ option-letter parsing). `score(benchmark, item, response)` is the entry point. W
 OpenAI-compatible model extracts the answers first, as the authors did with GPT-4o.
 
     python 04_eval.py                                    # toy test split, runs/toy/srpo (~1 min, 2 CPU cores)
-    python 04_eval.py --models base=runs/toy/base,sft=runs/toy/sft,grpo=runs/toy/grpo,srpo=runs/toy/srpo
-    python 04_eval.py --benchmark mathvision --split testmini --data_dir ../shared/data/mathvision_testmini
+    python 04_eval.py --models base=runs/toy/base@plain,sft=runs/toy/sft,grpo=runs/toy/grpo@plain,srpo=runs/toy/srpo
+    # A local copy of a real benchmark (here the MathVision items in ../shared/data). Real benchmarks get
+    # 4096 new tokens by default: a toy model would take minutes per batch, so cap both for a look.
+    python 04_eval.py --benchmark mathvision --split testmini --data_dir ../shared/data/mathvision_testmini \
+        --model runs/toy/srpo --limit 16 --max_new_tokens 128
     python 04_eval.py --benchmark mathvista --model Qwen/Qwen2.5-VL-7B-Instruct --batch_size 32
 
 Writes out_dir/<benchmark>-<split>/<model>/: items.jsonl (one row per item; a rerun skips the rows

@@ -8,7 +8,7 @@ OUT := runs/toy
 # alone gets all the cores (THREADS).
 export OMP_NUM_THREADS ?= 1
 THREADS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n < 4 ? n : 4 )))
-SFT_ARGS ?= --epochs 3 --batch_size 16 --eval_size 0
+SFT_ARGS ?= --eval_size 0
 RL_ARGS ?=
 
 # $(call side_by_side,LOG,BACKGROUND COMMAND,FOREGROUND COMMAND): run both, the first into LOG;
@@ -27,7 +27,7 @@ $(VENV)/.installed: requirements.txt
 # The two SFT runs, then the two RL runs, are independent: each pair runs side by side, one per
 # core, with the baseline's progress in a log file so that the two progress bars don't interleave.
 demo: $(VENV)/.installed
-	rm -rf $(OUT) runs/demo
+	rm -rf $(OUT) runs/demo runs/probe
 	OMP_NUM_THREADS=$(THREADS) $(PY) 00_base_model.py --out_dir $(OUT)/base
 	OMP_NUM_THREADS=$(THREADS) $(PY) 01_reflect_data.py --model $(OUT)/base --out_dir $(OUT)/reflect
 	@echo "plain-CoT SFT for the GRPO baseline runs alongside; its log: $(OUT)/sft_cot.log"

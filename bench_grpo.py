@@ -4,7 +4,7 @@ For each group size G and response length, runs a few steps of 03_grpo.py in a f
 generation forced to that length, and prints the median step time split into its parts, tokens per
 second and the process's peak memory (CPU: max RSS; GPU: peak allocated).
 
-    python bench_grpo.py                          # G in {4, 8, 16} x lengths {64, 128, 256}, toy SFT model
+    OMP_NUM_THREADS=1 python bench_grpo.py        # G in {4, 8, 16} x lengths {64, 128, 256}, toy SFT model, 1 thread
     python bench_grpo.py --groups 8 --lengths 256 --model runs/toy/sft
 """
 
@@ -30,11 +30,14 @@ print("BENCH " + json.dumps({"rows": rows, "peak_mib": peak}))
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="runs/toy/sft")
-    p.add_argument("--groups", default="4,8,16", help="group sizes G")
-    p.add_argument("--lengths", default="64,128,256", help="forced response lengths in tokens")
-    p.add_argument("--prompts_per_step", type=int, default=4)
+    class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
+    p.add_argument("--model", default="runs/toy/sft", help="policy that 03_grpo.py starts from")
+    p.add_argument("--groups", default="4,8,16", help="group sizes G, comma-separated")
+    p.add_argument("--lengths", default="64,128,256", help="forced response lengths in tokens, comma-separated")
+    p.add_argument("--prompts_per_step", type=int, default=4, help="prompts per GRPO step (x G sequences)")
     p.add_argument("--steps", type=int, default=3, help="steps per setting; the first is dropped as warm-up")
     a = p.parse_args()
     print(f"{'G':>3} {'len':>4} {'seqs':>5} | {'step s':>7} {'gen s':>6} {'score s':>7} {'update s':>8} | {'tok/s':>7} | {'peak MiB':>8}")

@@ -66,7 +66,12 @@ THRESHOLDS = [round(0.1 * i, 1) for i in range(10)]
 
 def read_probabilities(model, processor, problems, responses, system_prompt):
     """For each response, the values read in its first <think>, in order: dicts with `colour`, `value`,
-    `p` (the probability the model gave that value token), `second` (its likeliest other value) and `p_second`."""
+    `p` (the probability the model gave that value token), `second` (its likeliest other value 0-9),
+    `p_second` and `token` (the value's index among the response's tokens).
+
+    Only values written as one digit token count (the toy's are 0-4); a response with no </think>
+    has no first <think> to probe and gives no reads.
+    """
     tok = processor.tokenizer
     digit_ids = {}
     for d in range(10):
@@ -80,19 +85,26 @@ def read_probabilities(model, processor, problems, responses, system_prompt):
         probs = model(**batch).logits.float().softmax(-1)
     out = []
     for i, response in enumerate(responses):
-        reads = READ_RE.findall(response.split("</think>")[0])
-        # Position k predicts token k + 1. The read values are the digit tokens of the response that
-        # directly follow a ":" token, in order.
-        targets = [(k, t) for k, t in enumerate(labels[i, 1:].tolist()) if t != -100]
-        value_pos = [k for j, (k, t) in enumerate(targets)
-                     if j and t in digit_ids.values() and tok.decode([targets[j - 1][1]]).endswith(":")]
         row = []
-        for (colour, value), k in zip(reads, value_pos):
-            p = {d: probs[i, k, t].item() for d, t in digit_ids.items()}
-            second = max((d for d in p if d != int(value)), key=p.get)
-            row.append({"colour": colour, "value": int(value), "p": p.get(int(value), 0.0), "second": second,
-                        "p_second": p[second]})
         out.append(row)
+        if "</think>" not in response:
+            continue
+        # The response's own tokens with their character spans; in the batch they are the target
+        # tokens (position k predicts token k + 1), followed by the end-of-turn token.
+        enc = tok(response, add_special_tokens=False, return_offsets_mapping=True)
+        targets = [(k, t) for k, t in enumerate(labels[i, 1:].tolist()) if t != -100]
+        if [t for _, t in targets[:len(enc["input_ids"])]] != enc["input_ids"]:
+            continue  # tokenised differently in context: no safe way to find the values
+        for m in READ_RE.finditer(response[:response.index("</think>")]):
+            start, value = m.start(2), int(m.group(2))
+            j = next((j for j, (a, b) in enumerate(enc["offset_mapping"]) if a <= start < b), None)
+            if j is None or enc["input_ids"][j] != digit_ids.get(value):
+                continue  # a value of several tokens (e.g. " 1" "2"): no single probability
+            k = targets[j][0]
+            p = {d: probs[i, k, t].item() for d, t in digit_ids.items()}
+            second = max((d for d in p if d != value), key=p.get)
+            row.append({"colour": m.group(1), "value": value, "p": p[value], "second": second,
+                        "p_second": p[second], "token": j})
     return out
 
 
@@ -113,6 +125,9 @@ def reread(problem, reads, threshold):
 
 
 def main(args: Args):
+    if args.n < 1 or args.prompt not in common.SYSTEM_PROMPTS:
+        raise ValueError(f"--n must be at least 1 (got {args.n}) and --prompt one of "
+                         f"{sorted(common.SYSTEM_PROMPTS)} (got {args.prompt!r})")
     model, processor = common.load_policy(args.model)
     model.eval()
     test = toy.toy_dataset("test", args.n)

@@ -41,14 +41,32 @@ def test_read_probabilities_are_the_greedy_choices(base_model_dir):
     responses = common.generate_responses(model, processor, test["question"], test["image"], system_prompt=system,
                                           max_new_tokens=48, batch_size=12)
     reads = probe.read_probabilities(model, processor, problems, responses, system)
-    n = 0
-    for response, row in zip(responses, reads):
-        assert [(r["colour"], r["value"]) for r in row] == [
-            (c, int(v)) for c, v in probe.READ_RE.findall(response.split("</think>")[0])][:len(row)]
+    n = sum(len(row) for row in reads)
+    assert n >= 6, responses  # the briefly trained base writes "colour: value." reads
+    for row in reads:
         for r in row:
             assert 0 < r["p"] <= 1 and r["p"] >= r["p_second"] and r["second"] != r["value"]
-            n += 1
-    assert n >= 6, responses  # the briefly trained base writes "colour: value." reads
+
+
+def test_read_probabilities_find_the_value_tokens(tiny_model_dir):
+    """Hand-written responses: only "colour: N." in the first <think> counts, each at its own token."""
+    model, processor = common.load_policy(tiny_model_dir)
+    tok = processor.tokenizer
+    responses = ["<think> red: 3 blue: 2.</think>\n<answer>5</answer>",  # "red: 3" lacks its full stop
+                 "<think> total: 3. green: 4. 4 + 0 = 4.</think>\n<answer>4</answer>",  # not a colour
+                 "<think> red: 12. blue: 1.</think>\n<answer>13</answer>",  # 12 may be two tokens
+                 "<think> red: 3. blue: 2. 3 + 2 = 5. blue: 4.",  # no </think>: no first think
+                 "<think> red: 1.</think>\n<answer>1</answer>\n<reflection>red: 2.</reflection>"]
+    problems = [toy.make_problem(s) for s in range(len(responses))]
+    reads = probe.read_probabilities(model, processor, problems, responses, common.SYSTEM_PROMPTS["plain"])
+    assert [[(r["colour"], r["value"]) for r in row] for row in reads][:2] == [[("blue", 2)], [("green", 4)]]
+    assert ("blue", 1) in [(r["colour"], r["value"]) for r in reads[2]] and reads[3] == []
+    assert [(r["colour"], r["value"]) for r in reads[4]] == [("red", 1)]
+    for response, row in zip(responses, reads):
+        ids = tok(response, add_special_tokens=False)["input_ids"]
+        for r in row:
+            assert tok.decode([ids[r["token"]]]) == f" {r['value']}"
+            assert tok.decode(ids[:r["token"]]).endswith(f"{r['colour']}:")
 
 
 def test_main_writes_the_report(base_model_dir, tmp_path):
