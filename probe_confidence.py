@@ -110,12 +110,10 @@ def read_probabilities(model, processor, problems, responses, system_prompt):
 
 def answer_from(problem, values):
     """The toy answer (letter or number) that the values read for `problem` lead to; None if one is missing."""
-    sol = json.loads(problem["solution"])
-    colours = [c for c, _ in sol["reads"]]
+    colours = [c for c, _ in json.loads(problem["solution"])["reads"]]
     if any(c not in values for c in colours):
         return None
-    result = toy.solve([(c, values[c]) for c in colours], sol["op"])
-    return "ABC"[problem["choices"].index(result)] if problem["choices"] else str(result)
+    return toy.answer_from_reads(problem, [(c, values[c]) for c in colours])
 
 
 def reread(problem, reads, threshold):
@@ -163,21 +161,19 @@ def main(args: Args):
     # 2. The best a confidence-driven re-read could do. Threshold 0 changes nothing (the first answer,
     # recomputed from the values read, so a written slip in the arithmetic does not count).
     n = len(problems)
-    first = [reread(p, r, 0.0) for p, r in zip(problems, all_reads)]
-    sweep = []
-    for t in THRESHOLDS:
-        after = [reread(p, r, t) for p, r in zip(problems, all_reads)]
-        sweep.append({"threshold": t, "accuracy": sum(after) / n,
-                      "wrong_to_right": sum(a and not f for a, f in zip(after, first)) / n,
-                      "right_to_wrong": sum(f and not a for a, f in zip(after, first)) / n})
-    best_per_family = {}
+    after = {t: [reread(p, r, t) for p, r in zip(problems, all_reads)] for t in THRESHOLDS}
+    first = after[0.0]
+    sweep = [{"threshold": t, "accuracy": sum(a) / n,
+              "wrong_to_right": sum(x and not f for x, f in zip(a, first)) / n,
+              "right_to_wrong": sum(f and not x for x, f in zip(a, first)) / n} for t, a in after.items()]
+    best_per_family, bound_right = {}, 0
     for fam in sorted({p["family"] for p in problems}):
         idx = [i for i, p in enumerate(problems) if p["family"] == fam]
-        right = {t: sum(reread(problems[i], all_reads[i], t) for i in idx) for t in THRESHOLDS}
+        right = {t: sum(a[i] for i in idx) for t, a in after.items()}
         t_best = max(THRESHOLDS, key=lambda t: (right[t], -t))
-        best_per_family[fam] = {"threshold": t_best, "first": sum(first[i] for i in idx) / len(idx),
-                                "after": right[t_best] / len(idx)}
-    bound = sum(r["after"] * sum(p["family"] == f for p in problems) for f, r in best_per_family.items()) / n
+        best_per_family[fam] = {"threshold": t_best, "first": right[0.0] / len(idx), "after": right[t_best] / len(idx)}
+        bound_right += right[t_best]
+    bound = bound_right / n
 
     result = {"model": args.model, "prompt": args.prompt, "n": n, "per_family": rows,
               "auc_pooled": pooled, "auc_within_family": within,

@@ -148,6 +148,12 @@ def solution_text(reads, op) -> str:
     return text
 
 
+def answer_from_reads(problem: dict, reads) -> str:
+    """The answer (option letter or number) that `reads`, [(colour, value)] in the solution's order, lead to."""
+    result = solve(reads, json.loads(problem["solution"])["op"])
+    return "ABC"[problem["choices"].index(result)] if problem["choices"] else str(result)
+
+
 def cot_response(problem: dict, reads=None) -> str:
     """Plain chain-of-thought target `<think>...</think>\\n<answer>...</answer>` for `problem`.
 
@@ -155,9 +161,7 @@ def cot_response(problem: dict, reads=None) -> str:
     """
     sol = json.loads(problem["solution"])
     reads = reads if reads is not None else [tuple(r) for r in sol["reads"]]
-    result = solve(reads, sol["op"])
-    choices = problem["choices"]
-    answer = "ABC"[choices.index(result)] if choices else str(result)
+    answer = answer_from_reads(problem, reads)
     # The space after <think> makes the first colour the same token as in the question (" red"), which
     # the tiny model copies far sooner than a different token ("red").
     return f"<think> {solution_text(reads, sol['op'])}</think>\n<answer>{answer}</answer>"
