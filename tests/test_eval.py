@@ -232,7 +232,9 @@ def row(category, first, final, reflection=True, error=None):
 @given(st.lists(st.tuples(st.booleans(), st.booleans(), st.booleans()), min_size=1, max_size=40))
 def test_summary_rates_add_up(outcomes):
     s = ev.summarize([row("a", f, g, r) for f, g, r in outcomes], "toy")["reflection"]
-    assert abs(s["final_acc"] - (s["first_acc"] + s["wrong_to_right"] - s["right_to_wrong"])) < 0.02
+    # Exact before rounding; four percentages each rounded to 0.01 can end 4 x 0.005 = 0.02 apart
+    # (hypothesis found n = 32: 53.125, 46.875, 34.375 and 28.125 all round by 0.005).
+    assert abs(s["final_acc"] - (s["first_acc"] + s["wrong_to_right"] - s["right_to_wrong"])) <= 0.02 + 1e-9
     assert s["final_acc"] == ev.summarize([row("a", f, g, r) for f, g, r in outcomes], "toy")["overall"]["final_acc"]
 
 
