@@ -9,12 +9,16 @@ reflection on each. One SFT sample (paper's layout; no second <think>):
     assistant: <think>{policy CoT}</think>\\n<answer>{policy answer}</answer>\\n
                <reflection>{teacher reflection}</reflection>\\n<answer>{gold}</answer>     (one string)
 
-Toy (the defaults; ~1 minute on 2 CPU cores; needs runs/toy/base from 00_base_model.py):
+Toy (the defaults; ~20 s on 2 CPU cores; the policy is the shipped toy base, models/toy_base):
 
-    python 01_reflect_data.py          # -> runs/toy/reflect/: sft_reflect.jsonl, sft_cot.jsonl, images/, stats.json
+    python 01_reflect_data.py          # -> runs/toy/reflect/: sft_reflect.jsonl, sft_cot.jsonl,
+                                       #    sft_scratchpad.jsonl, images/, stats.json
+    python 01_reflect_data.py --data toy-dots --model runs/toy-dots/base --out_dir runs/toy-dots/reflect
 
 The default teacher `oracle` is a STAND-IN for the paper's o4-mini that only exists for the toy
-task: it reads the toy's structured solution (toy.oracle_reflection) instead of looking at the image.
+tasks (toy.oracle_reflection). On the two-step task it writes the check procedure from the value
+drawn in the image and the first attempt alone ("Check: 5 x 7 = 35. 35 + 3 = 38. The first answer
+is wrong."); on the dots task it reads the structured solution and names the first wrong step.
 
 Real scale (the paper: Qwen2.5-VL-7B policy, o4-mini teacher, ~100K pool, N = 10K, 1024 tokens):
 
@@ -41,6 +45,9 @@ finished work and resumes with the same results an uninterrupted run would give:
                        correct CoT (toy.cot_response) of the same selected problems; real data: the
                        policy's own right, well-formed answers from the pool (rejection sampling, one
                        sample per problem), up to N
+    sft_scratchpad.jsonl  two-step toy task only: the same problems with the check procedure as the
+                       first (and only) attempt (toy.cot_response(stepwise=True)): the `scratchpad`
+                       baseline, which buys the same serial computation without a reflection
     images/<id>.png    the images of both sets;  stats.json  the counts printed at the end
 Rows load with datasets.load_dataset("json", data_files=...) and read images relative to out_dir.
 """
@@ -72,8 +79,8 @@ import toy
 class Args(common.DataArgs):
     """Stage 1a: policy answers -> 30/70 right/wrong selection -> teacher reflections -> SFT JSONL."""
 
-    model: str = "runs/toy/base"
-    """policy model: local dir, LoRA output dir or hub id"""
+    model: str = "models/toy_base"
+    """policy model: local dir, LoRA output dir or hub id (toy: the shipped base; toy-dots: runs/toy-dots/base)"""
     pool_size: int = 1200
     """problems the policy answers, a seeded sample of the data (the paper: ~100K); 0 = all"""
     out_dir: str = "runs/toy/reflect"
@@ -450,7 +457,7 @@ def main(args: Args):
     t0 = time.time()
     out = args.out_dir
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
-    paths = {k: os.path.join(out, f"{k}.jsonl") for k in ("answers", "skipped", "sft_reflect", "sft_cot")}
+    paths = {k: os.path.join(out, f"{k}.jsonl") for k in ("answers", "skipped", "sft_reflect", "sft_cot", "sft_scratchpad")}
     for path in paths.values():
         repair_jsonl(path)
 
@@ -502,7 +509,12 @@ def main(args: Args):
                 bar.write(scrub(f"teacher failed on {item['id']}: {error}"))
             bar.update()
 
-    # 5. The plain-CoT SFT set for the ablation (rewritten whole each run: it needs no teacher).
+    # 5. The plain-CoT SFT set for the ablation (rewritten whole each run: it needs no teacher), and on
+    # the two-step toy task the scratchpad set: the same problems, the check procedure as the first attempt.
+    scratchpad = [sft_row(a, toy.cot_response(a, stepwise=True), "plain", True) for a in selected
+                  if "solution" in a and toy.is_two_step(a)]
+    if scratchpad:
+        write_jsonl_atomic(paths["sft_scratchpad"], scratchpad)
     cot = []
     if args.write_cot:
         if all("solution" in a for a in selected):  # toy: the correct CoT of the same problems
@@ -522,6 +534,7 @@ def main(args: Args):
         "selected": len(selected), "selected_correct": sum(a["correct"] for a in selected),
         "selected_incorrect": sum(not a["correct"] for a in selected), "mix_note": note,
         "reflections": len(written), "teacher_failures": len(chosen - written), "cot": len(cot),
+        "scratchpad": len(scratchpad),
         "teacher": args.teacher, "seconds": round(time.time() - t0, 1), "args": asdict(args)}
     with open(os.path.join(out, "stats.json"), "w") as f:
         json.dump(stats, f, indent=2)

@@ -12,7 +12,7 @@ projector stay frozen, AdamW with a cosine schedule and 10% warm-up, gradient cl
 gradient accumulation, 3 epochs (the released config; the paper's text says 1: `--epochs 1`).
 
 Reads   --data  runs/toy/reflect/sft_reflect.jsonl (image paths relative to its folder)
-        --model runs/toy/base (a local directory or hub id; a LoRA output directory works too)
+        --model models/toy_base (the shipped toy base; a local directory or hub id; a LoRA output directory works too)
 Writes  --out_dir runs/toy/sft/
         the model (safetensors + processor; LoRA: the adapter, and `merged/` with --merge_lora),
         metrics.jsonl (one row per optimizer step), loss.png, sft_summary.json (run facts and the
@@ -23,6 +23,8 @@ Toy (2 CPU cores: ~80 s, of which ~50 s training and ~20 s the before/after chec
     python 02_sft.py                                   # reflection SFT -> runs/toy/sft
     python 02_sft.py --data runs/toy/reflect/sft_cot.jsonl --out_dir runs/toy/sft_cot
                                                        # the paper's "plain-CoT SFT" ablation
+    python 02_sft.py --data runs/toy/reflect/sft_scratchpad.jsonl --out_dir runs/toy/sft_scratchpad
+                                                       # the scratchpad baseline (the check as first attempt)
     python 02_sft.py --lora_r 8 --lr 5e-3 --out_dir runs/toy/sft_lora    # LoRA (peft)
     python 02_sft.py --load_in_4bit --lr 5e-3 --out_dir runs/toy/sft_qlora  # QLoRA: nf4 base + LoRA
     python 02_sft.py --resume                          # continue from runs/toy/sft/checkpoint
@@ -79,7 +81,7 @@ class Args:
 
     data: str = "runs/toy/reflect/sft_reflect.jsonl"
     """SFT JSONL from 01 (sft_reflect.jsonl; sft_cot.jsonl for the plain-CoT ablation)"""
-    model: str = "runs/toy/base"
+    model: str = "models/toy_base"
     """policy to fine-tune: local directory or hub id (e.g. Qwen/Qwen2.5-VL-7B-Instruct)"""
     out_dir: str = "runs/toy/sft"
     """where the model, metrics.jsonl, loss.png and checkpoint/ go"""

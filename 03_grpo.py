@@ -255,7 +255,7 @@ def load_prompts(args, log=print, progress=True):
     check without decoding; each kind is reported with a few ids.
     """
     # Toy prompts come from train seeds disjoint from stage 1's pool (01 uses the range of --seed).
-    size = args.train_size or (2000 if args.data == "toy" else 0)
+    size = args.train_size or (2000 if args.data in ("toy", "toy-dots") else 0)
     ds, base_dir = common.load_problems(args, size, args.seed + 1)
     problems, skipped = common.screen_problems(ds, args)
     # One image source shared by all prompts: the column stays in the (memory-mapped) dataset and a

@@ -12,8 +12,10 @@ type and precision; MathVision: last \\boxed{}, letter heuristics, numeric/LaTeX
 option-letter parsing). `score(benchmark, item, response)` is the entry point. With --judge_base_url an
 OpenAI-compatible model extracts the answers first, as the authors did with GPT-4o.
 
-    python 04_eval.py                                    # toy test split, runs/toy/srpo (~1 min, 2 CPU cores)
-    python 04_eval.py --models base=runs/toy/base@plain,sft=runs/toy/sft,grpo=runs/toy/grpo@plain,srpo=runs/toy/srpo
+    python 04_eval.py                                    # toy test split, runs/toy/srpo (~20 s, 2 CPU cores)
+    python 04_eval.py --models base=models/toy_base@plain,sft=runs/toy/sft,srpo=runs/toy/srpo,grpo=runs/toy/grpo@plain,\
+        scratchpad=runs/toy/scratchpad@plain             # what `make demo` compares
+    python 04_eval.py --benchmark toy-dots --models base=runs/toy-dots/base@plain,srpo=runs/toy-dots/srpo
     # A local copy of a real benchmark (here the MathVision items in ../shared/data). Real benchmarks get
     # 4096 new tokens by default: a toy model would take minutes per batch, so cap both for a look.
     python 04_eval.py --benchmark mathvision --split testmini --data_dir ../shared/data/mathvision_testmini \
@@ -34,6 +36,7 @@ import urllib.error
 import urllib.request
 from collections import defaultdict
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -47,7 +50,7 @@ class Args:
     """Evaluate one model, or compare several, on a benchmark; print and save the tables."""
 
     benchmark: str = "toy"
-    """toy | mathvista | mathverse | mathvision | mmmu_pro"""
+    """toy (the two-step task) | toy-dots (the dots task) | mathvista | mathverse | mathvision | mmmu_pro"""
     split: str = ""
     """split ('' = the benchmark's default, see DEFAULT_SPLITS); for mmmu_pro the settings, comma-separated"""
     data_dir: str = ""
@@ -63,7 +66,9 @@ class Args:
     batch_size: int = 64
     """prompts per generate call, saved after each; CPU decoding is overhead-bound, so big batches are fast"""
     limit: int = 0
-    """evaluate the first N items only (0 = all; on toy, 0 = the 300 test problems 00_base_model.py reports)"""
+    """evaluate the first N items only (0 = all; on the toy tasks, 0 = 1,000 test problems)"""
+    seed: int = 0
+    """toy tasks: which test set to draw (a different seed, different problems; `make demo SEED=n`)"""
     out_dir: str = "runs/eval"
     """where results go"""
     dtype: str = "auto"
@@ -78,9 +83,10 @@ class Args:
     """environment variable holding the judge's API key (the key is never printed or saved)"""
 
 
-DEFAULT_SPLITS = {"toy": "test", "mathvista": "testmini", "mathverse": "testmini", "mathvision": "test",
+DEFAULT_SPLITS = {"toy": "test", "toy-dots": "test", "mathvista": "testmini", "mathverse": "testmini", "mathvision": "test",
                   "mmmu_pro": "standard (10 options),vision"}
-TOY_TEST_SIZE = 300  # the same toy test problems 00_base_model.py reports on
+TOY_BENCHMARKS = ("toy", "toy-dots")  # the toy tasks of toy.py, graded like the training reward
+TOY_TEST_SIZE = 1000  # enough for about +-3 points at 95% (00_base_model.py reports on the first 1,000 too)
 MATHVERSE_VERSIONS = ["Text Dominant", "Text Lite", "Vision Intensive", "Vision Dominant", "Vision Only"]
 NOT_IN_OVERALL = {"Text Only"}  # MathVerse reports its text-only variant beside the five versions, not in them
 MACRO_AVERAGED = {"mathverse", "mmmu_pro"}  # overall = mean over versions / settings, as those papers report
@@ -91,7 +97,7 @@ MACRO_AVERAGED = {"mathverse", "mmmu_pro"}  # overall = mean over versions / set
 #   _id (str, unique), _question (the user prompt), _image (see common.open_image), _category (reported separately)
 
 
-def load_items(benchmark, split="", data_dir="", limit=0):
+def load_items(benchmark, split="", data_dir="", limit=0, seed=0):
     """The benchmark's items, from the Hugging Face hub or from a local copy (`data_dir`).
 
     Local copies, as the benchmarks publish them (.jsonl, .json or .parquet, in data_dir or data_dir/data):
@@ -103,7 +109,8 @@ def load_items(benchmark, split="", data_dir="", limit=0):
     or data_dir/images), raw bytes, or the hub's {"bytes", "path"} structs.
     """
     split = split or DEFAULT_SPLITS[benchmark]
-    loaders = {"toy": _load_toy, "mathvista": _load_mathvista, "mathverse": _load_mathverse,
+    loaders = {"toy": partial(_load_toy, task="toy", seed=seed), "toy-dots": partial(_load_toy, task="toy-dots", seed=seed),
+               "mathvista": _load_mathvista, "mathverse": _load_mathverse,
                "mathvision": _load_mathvision, "mmmu_pro": _load_mmmu_pro}
     if benchmark not in loaders:
         raise ValueError(f"unknown benchmark {benchmark!r}; choose from {sorted(loaders)}")
@@ -115,10 +122,10 @@ def _item(row, *, id, question, image, category):
     return {**row, "_id": str(id), "_question": question, "_image": image, "_category": category}
 
 
-def _load_toy(split, data_dir, limit):
+def _load_toy(split, data_dir, limit, *, task, seed):
     import toy
 
-    ds = toy.toy_dataset(split, limit or TOY_TEST_SIZE)
+    ds = toy.toy_dataset(split, limit or TOY_TEST_SIZE, seed=seed, task=task)
     return [_item(r, id=r["id"], question=r["question"], image=r["image"], category=r["family"]) for r in ds]
 
 
@@ -307,7 +314,7 @@ def score(benchmark, item, response, extract=None):
     """
     final = rewards.extract_answer(response) or ""
     first = rewards.first_answer(response) or ""
-    if benchmark != "toy":  # the toy task grades like the training reward: no answer found = wrong
+    if benchmark not in TOY_BENCHMARKS:  # the toy tasks grade like the training reward: no answer found = wrong
         final = final or response
     first = first or final
     if extract is not None:  # the judge reads the answer text; the benchmark's rules still decide
@@ -645,7 +652,7 @@ def mmmu_parse_choice(response, letters, index2ans):
     return ""
 
 
-SCORERS = {"toy": score_toy, "mathvista": score_mathvista, "mathverse": score_mathverse,
+SCORERS = {"toy": score_toy, "toy-dots": score_toy, "mathvista": score_mathvista, "mathverse": score_mathverse,
            "mathvision": score_mathvision, "mmmu_pro": score_mmmu_pro}
 
 
@@ -854,9 +861,10 @@ def summary_markdown(summary, title):
     return "\n".join(lines) + "\n"
 
 
-def write_comparison(summaries, out_dir, title):
+def write_comparison(summaries, out_dir, title, rows=None):
     """comparison.md / .json / .png across models: final accuracy per category and overall, first-answer
-    accuracy and the reflection metrics. Returns the Markdown."""
+    accuracy, the reflection metrics, and (given each model's item `rows`) the paired difference in final
+    accuracy between every two models. Returns the Markdown."""
     categories = list(dict.fromkeys(c for s in summaries.values() for c in s["categories"]))
     head = ["model", "overall %", "first answer %", *[f"{c} %" for c in categories],
             "reflection %", "wrong→right %", "right→wrong %", "response tokens"]
@@ -868,6 +876,17 @@ def write_comparison(summaries, out_dir, title):
                  _fmt(r["reflection_rate"]), _fmt(r["wrong_to_right"]), _fmt(r["right_to_wrong"]),
                  _fmt(r["mean_response_tokens"])]
         lines.append("| " + " | ".join(cells) + " |")
+    names = list(summaries)
+    paired = {a: {b: common.paired_difference(rows[a], rows[b]) for b in names if b != a} for a in names} if rows else {}
+    if paired:
+        lines += ["", "Paired differences in final accuracy (points, 95% interval over the same items):", "",
+                  "| model | vs | difference | 95% interval |", "|---|---|---:|---|"]
+        for i, a in enumerate(names):
+            for b in names[:i]:
+                p = paired[a][b]
+                if p:
+                    lines.append(f"| {a} | {b} | {100 * p['difference']:+.1f} | "
+                                 f"[{100 * p['ci95'][0]:+.1f}, {100 * p['ci95'][1]:+.1f}] |")
     markdown = "\n".join(lines) + "\n"
     os.makedirs(out_dir, exist_ok=True)
     Path(out_dir, "comparison.md").write_text(markdown)
@@ -876,7 +895,8 @@ def write_comparison(summaries, out_dir, title):
     headline = {name: {"final_accuracy": frac(s["overall"]["final_acc"]), "first_accuracy": frac(s["overall"]["first_acc"]),
                        "wrong_to_right": frac(s["reflection"]["wrong_to_right"]),
                        "right_to_wrong": frac(s["reflection"]["right_to_wrong"]),
-                       "reflection_rate": frac(s["reflection"]["reflection_rate"]), **s}
+                       "reflection_rate": frac(s["reflection"]["reflection_rate"]),
+                       **({"paired": paired[name]} if paired else {}), **s}
                 for name, s in summaries.items()}
     Path(out_dir, "comparison.json").write_text(json.dumps(headline, indent=2))
     _bar_chart(summaries, categories, os.path.join(out_dir, "comparison.png"), title)
@@ -910,7 +930,7 @@ def _bar_chart(summaries, categories, path, title):
 
 
 def parse_models(spec, default_prompt="reflect"):
-    """'base=runs/toy/base@plain,srpo=runs/toy/srpo' -> {"base": (path, "plain"), "srpo": (path, default)}.
+    """'base=models/toy_base@plain,srpo=runs/toy/srpo' -> {"base": (path, "plain"), "srpo": (path, default)}.
 
     A bare path is named by its folder; `@prompt` picks the model's own prompt format (a model
     trained on plain chain of thought is evaluated in that format, as the paper evaluates its baselines).
@@ -937,15 +957,15 @@ def _check_run(model_dir, settings):
 
 def main(args):
     split = args.split or DEFAULT_SPLITS[args.benchmark]
-    max_new_tokens = args.max_new_tokens or (128 if args.benchmark == "toy" else 4096)
-    items = load_items(args.benchmark, split, args.data_dir, args.limit)
+    max_new_tokens = args.max_new_tokens or (128 if args.benchmark in TOY_BENCHMARKS else 4096)
+    items = load_items(args.benchmark, split, args.data_dir, args.limit, args.seed)
     models = parse_models(args.models or args.model, args.prompt)
     extract = make_judge(args.judge_base_url, args.judge_model, args.judge_api_key_env) if args.judge_base_url else None
     run_name = f"{args.benchmark}-{re.sub(r'[^A-Za-z0-9.-]+', '_', split).strip('_')}"
     run_dir = os.path.join(args.out_dir, run_name)
     print(f"[eval] {run_name}: {len(items)} items, models {list(models)}, prompt {args.prompt!r}, "
           f"max_new_tokens {max_new_tokens}, scoring {'judge ' + args.judge_model if extract else 'rule-based'}")
-    summaries = {}
+    summaries, item_rows = {}, {}
     for name, (path, prompt) in models.items():
         model_dir = os.path.join(run_dir, name if prompt == "reflect" else f"{name}-{prompt}")
         _check_run(model_dir, {"model": path, "prompt": prompt, "max_new_tokens": max_new_tokens,
@@ -961,9 +981,9 @@ def main(args):
         Path(model_dir, "summary.json").write_text(json.dumps(summary, indent=2))
         Path(model_dir, "summary.md").write_text(markdown)
         print("\n" + markdown)
-        summaries[name] = summary
+        summaries[name], item_rows[name] = summary, rows
     if len(summaries) > 1:
-        print("\n" + write_comparison(summaries, run_dir, run_name))
+        print("\n" + write_comparison(summaries, run_dir, run_name, item_rows))
         print(f"[eval] comparison table and chart in {run_dir}/comparison.{{md,json,png}}")
     return summaries
 

@@ -1,9 +1,14 @@
-# `make demo`: set up and run the whole toy pipeline (base -> 01 -> 02 -> 03 -> 04) from scratch;
-# `make test`: the test suite (what CI runs).
+# `make demo`: set up and run the toy pipeline (01 -> 02 -> 03 -> 04 -> report) from the shipped base
+# model; `make test`: the test suite (what CI runs); `make base`: rebuild the shipped base model (00);
+# `make demo-dots`: the contrast, the dots task, from its own base model; `make seeds`: the demo on
+# seeds 0, 1 and 2, and the table across them.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-OUT := runs/toy
+SEED ?= 0
+BASE ?= models/toy_base
+OUT ?= runs/toy
+DEMO ?= runs/demo
 # One thread per process: the paired stages below run two processes at once; a stage that runs
 # alone gets all the cores (THREADS).
 export OMP_NUM_THREADS ?= 1
@@ -16,7 +21,7 @@ RL_ARGS ?=
 side_by_side = $(2) > $(1) 2>&1 & $(3); fg=$$?; wait $$!; bg=$$?; \
 	[ $$bg -eq 0 ] || tail -n 20 $(1); [ $$fg -eq 0 ] && [ $$bg -eq 0 ]
 
-.PHONY: demo test clean
+.PHONY: demo demo-dots base seeds test clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,30 +29,62 @@ $(VENV)/.installed: requirements.txt
 	$(VENV)/bin/pip install --quiet -r requirements.txt
 	touch $@
 
-# The two SFT runs, then the two RL runs, are independent: each pair runs side by side, one per
-# core, with the baseline's progress in a log file so that the two progress bars don't interleave.
-# Plain GRPO is three times faster per step than SRPO, so its core then evaluates the three models
-# that are ready; the final 04 call resumes from their rows and only answers with SRPO.
 comma := ,
-EARLY_EVAL = $(PY) 04_eval.py --out_dir runs/demo --models base=$(OUT)/base@plain$(comma)sft=$(OUT)/sft$(comma)grpo=$(OUT)/grpo@plain
+# The comparison: the base model (plain chain of thought), reflection SFT, SRPO, and two baselines
+# trained from the same base on the same problems for the same RL steps: plain-CoT SFT + plain GRPO
+# (`grpo`, the paper's Table 3 logic) and the check procedure as the first attempt + plain GRPO
+# (`scratchpad`: the same serial computation without a reflection).
+MODELS = base=$(BASE)@plain,sft=$(OUT)/sft,srpo=$(OUT)/srpo,grpo=$(OUT)/grpo@plain,scratchpad=$(OUT)/scratchpad@plain
+EVAL = $(PY) 04_eval.py --benchmark toy --seed $(SEED) --out_dir $(DEMO)
+# The three SFT runs, then the three RL runs, are independent: SRPO (the slowest) runs on one core,
+# the baselines one after the other on the other, with their progress in a log file so that the
+# progress bars don't interleave; that core then evaluates the four models that are ready, and the
+# final 04 call resumes from their rows and only answers with SRPO.
 demo: $(VENV)/.installed
-	rm -rf $(OUT) runs/demo runs/probe
-	OMP_NUM_THREADS=$(THREADS) $(PY) 00_base_model.py --out_dir $(OUT)/base
-	OMP_NUM_THREADS=$(THREADS) $(PY) 01_reflect_data.py --model $(OUT)/base --out_dir $(OUT)/reflect
-	@echo "plain-CoT SFT for the GRPO baseline runs alongside; its log: $(OUT)/sft_cot.log"
-	$(call side_by_side,$(OUT)/sft_cot.log,\
-		$(PY) 02_sft.py --model $(OUT)/base --data $(OUT)/reflect/sft_cot.jsonl --out_dir $(OUT)/sft_cot $(SFT_ARGS),\
-		$(PY) 02_sft.py --model $(OUT)/base --data $(OUT)/reflect/sft_reflect.jsonl --out_dir $(OUT)/sft $(SFT_ARGS))
-	@echo "plain GRPO from the plain-CoT SFT model, then the evaluation of base, sft and grpo, run alongside; their log: $(OUT)/grpo.log"
-	$(call side_by_side,$(OUT)/grpo.log,\
-		( $(PY) 03_grpo.py --model $(OUT)/sft_cot --reward grpo --out_dir $(OUT)/grpo $(RL_ARGS) && $(EARLY_EVAL) ),\
-		$(PY) 03_grpo.py --model $(OUT)/sft --out_dir $(OUT)/srpo $(RL_ARGS))
-	OMP_NUM_THREADS=$(THREADS) $(PY) 04_eval.py --out_dir runs/demo \
-		--models base=$(OUT)/base@plain,sft=$(OUT)/sft,srpo=$(OUT)/srpo,grpo=$(OUT)/grpo@plain
-	cp runs/demo/toy-test/comparison.json runs/demo/comparison.json
-	cp runs/demo/toy-test/comparison.png runs/demo/comparison.png
-	cp runs/demo/toy-test/comparison.md runs/demo/comparison.md
-	@echo "comparison: runs/demo/comparison.md .json .png"
+	rm -rf $(OUT) $(DEMO)
+	OMP_NUM_THREADS=$(THREADS) $(PY) 01_reflect_data.py --model $(BASE) --seed $(SEED) --out_dir $(OUT)/reflect
+	@echo "the two baseline SFT runs run alongside; their log: $(OUT)/sft_baselines.log"
+	$(call side_by_side,$(OUT)/sft_baselines.log,\
+		( $(PY) 02_sft.py --model $(BASE) --data $(OUT)/reflect/sft_cot.jsonl --out_dir $(OUT)/sft_cot --seed $(SEED) $(SFT_ARGS) && \
+		  $(PY) 02_sft.py --model $(BASE) --data $(OUT)/reflect/sft_scratchpad.jsonl --out_dir $(OUT)/sft_scratchpad --seed $(SEED) $(SFT_ARGS) ),\
+		$(PY) 02_sft.py --model $(BASE) --data $(OUT)/reflect/sft_reflect.jsonl --out_dir $(OUT)/sft --seed $(SEED) $(SFT_ARGS))
+	@echo "plain GRPO and the scratchpad baseline, then the evaluation of four models, run alongside; their log: $(OUT)/baselines.log"
+	$(call side_by_side,$(OUT)/baselines.log,\
+		( $(PY) 03_grpo.py --model $(OUT)/sft_cot --reward grpo --out_dir $(OUT)/grpo --seed $(SEED) $(RL_ARGS) && \
+		  $(PY) 03_grpo.py --model $(OUT)/sft_scratchpad --reward grpo --out_dir $(OUT)/scratchpad --seed $(SEED) $(RL_ARGS) && \
+		  $(EVAL) --models base=$(BASE)@plain$(comma)sft=$(OUT)/sft$(comma)grpo=$(OUT)/grpo@plain$(comma)scratchpad=$(OUT)/scratchpad@plain ),\
+		$(PY) 03_grpo.py --model $(OUT)/sft --out_dir $(OUT)/srpo --seed $(SEED) $(RL_ARGS))
+	OMP_NUM_THREADS=$(THREADS) $(EVAL) --models $(MODELS)
+	cp $(DEMO)/toy-test/comparison.json $(DEMO)/toy-test/comparison.png $(DEMO)/toy-test/comparison.md $(DEMO)/
+	$(PY) report.py --demo_dir $(DEMO) --runs_dir $(OUT)
+	@echo "comparison: $(DEMO)/comparison.md .json .png; one page: $(DEMO)/report.html"
+
+# The shipped base model (the toy's stand-in for downloading Qwen2.5-VL-7B-Instruct), ~9 minutes.
+base: $(VENV)/.installed
+	OMP_NUM_THREADS=$(THREADS) $(PY) 00_base_model.py --out_dir $(BASE)
+
+# The demo on three seeds (each changes every stage's seed and draws a different test set), then
+# the table across them with paired 95% intervals.
+seeds: $(VENV)/.installed
+	for s in 0 1 2; do $(MAKE) demo SEED=$$s OUT=runs/toy-seed$$s DEMO=runs/demo-seed$$s || exit 1; done
+	$(PY) report.py --seeds runs/demo-seed0,runs/demo-seed1,runs/demo-seed2
+
+# The contrast: the dots task, where a second look at the image is the same glance as the first.
+DOTS := runs/toy-dots
+DOTS_DEMO := runs/demo-dots
+demo-dots: $(VENV)/.installed
+	rm -rf $(DOTS) $(DOTS_DEMO)
+	OMP_NUM_THREADS=$(THREADS) $(PY) 00_base_model.py --data toy-dots --out_dir $(DOTS)/base
+	OMP_NUM_THREADS=$(THREADS) $(PY) 01_reflect_data.py --data toy-dots --model $(DOTS)/base --out_dir $(DOTS)/reflect
+	$(call side_by_side,$(DOTS)/sft_cot.log,\
+		$(PY) 02_sft.py --model $(DOTS)/base --data $(DOTS)/reflect/sft_cot.jsonl --out_dir $(DOTS)/sft_cot $(SFT_ARGS),\
+		$(PY) 02_sft.py --model $(DOTS)/base --data $(DOTS)/reflect/sft_reflect.jsonl --out_dir $(DOTS)/sft $(SFT_ARGS))
+	$(call side_by_side,$(DOTS)/grpo.log,\
+		$(PY) 03_grpo.py --data toy-dots --model $(DOTS)/sft_cot --reward grpo --out_dir $(DOTS)/grpo $(RL_ARGS),\
+		$(PY) 03_grpo.py --data toy-dots --model $(DOTS)/sft --out_dir $(DOTS)/srpo $(RL_ARGS))
+	OMP_NUM_THREADS=$(THREADS) $(PY) 04_eval.py --benchmark toy-dots --out_dir $(DOTS_DEMO) \
+		--models base=$(DOTS)/base@plain,sft=$(DOTS)/sft,srpo=$(DOTS)/srpo,grpo=$(DOTS)/grpo@plain
+	@echo "comparison: $(DOTS_DEMO)/toy-dots-test/comparison.md"
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests

@@ -421,7 +421,7 @@ class DataArgs:
     """Where problems come from: 01 (the pool the policy answers) and 03 (the RL prompts) share these."""
 
     data: str = "toy"
-    """'toy', a Hugging Face dataset id, or a local .jsonl/.json/.parquet file"""
+    """'toy' (the two-step task), 'toy-dots' (the dots task, the contrast), a Hugging Face dataset id, or a local .jsonl/.json/.parquet file"""
     split: str = "train"
     """dataset split (toy: train or test)"""
     image_column: str = "image"
@@ -446,11 +446,11 @@ def load_problems(args, size, seed):
     """
     import datasets
 
-    base_dir = "."
-    if args.data == "toy":
-        import toy
+    import toy
 
-        ds = toy.toy_dataset(args.split, size or 1200, seed=seed)
+    base_dir = "."
+    if args.data in toy.TASKS:
+        ds = toy.toy_dataset(args.split, size or 1200, seed=seed, task=args.data)
     elif os.path.isfile(args.data):
         kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(os.path.splitext(args.data)[1])
         if kind is None:
@@ -474,7 +474,7 @@ def load_problems(args, size, seed):
         raise ValueError(f"{args.data}: no column for {', '.join(missing)}; the columns found are {ds.column_names}")
     if args.image_column and isinstance(ds.features[args.image_column], datasets.Image):
         ds = ds.cast_column(args.image_column, datasets.Image(decode=False))
-    if args.data != "toy" and size and len(ds) > size:
+    if args.data not in toy.TASKS and size and len(ds) > size:
         ds = ds.shuffle(seed=seed).select(range(size))
     return ds, base_dir
 
@@ -509,7 +509,8 @@ def screen_problems(ds, args, gold_problem=lambda gold: None if gold else "empty
 
 
 def evaluate_toy(model, processor, *, n, style, max_new_tokens=48, batch_size=64, desc="eval"):
-    """Greedy answers to the first n toy test problems, scored like the training reward.
+    """Greedy answers to the first n toy test problems of the model's own toy task (`processor.task`),
+    scored like the training reward.
 
     Returns (result, samples). result: the shares well-formed (the layout `style` teaches: the
     reflective one of R_format, or plain CoT), with a reflection, first and final answer right,
@@ -521,7 +522,7 @@ def evaluate_toy(model, processor, *, n, style, max_new_tokens=48, batch_size=64
     import rewards
     import toy
 
-    test = toy.toy_dataset("test", n)
+    test = toy.toy_dataset("test", n, task=getattr(processor, "task", "toy"))
     texts = generate_responses(model, processor, test["question"], test["image"], system_prompt=SYSTEM_PROMPTS[style],
                                max_new_tokens=max_new_tokens, batch_size=batch_size, desc=desc)
     variant = "paper" if style == "reflect" else "grpo"
@@ -538,6 +539,28 @@ def evaluate_toy(model, processor, *, n, style, max_new_tokens=48, batch_size=64
     samples = [{"id": row["id"], "answer": row["answer"], "response": t, **{k: s[k] for k in
                ("format", "first_correct", "final_correct")}} for t, row, s in zip(texts, test, scores)]
     return result, samples
+
+
+# ----------------------------------------------------------------------------------------------
+# Comparing two models on the same items
+
+
+def paired_difference(rows_a, rows_b):
+    """Final-answer accuracy of model a minus model b on the items both answered, with a 95% interval.
+
+    Paired: each item contributes (a right) - (b right) in {-1, 0, 1}, so the interval is that of the
+    mean of those differences (normal approximation), much narrower than two independent intervals
+    when the models agree on most items. Fractions, like the headline figures.
+    Example: a right on 3 of 4 items, b on 1 of them -> difference 0.5.
+    """
+    b = {r["id"]: bool(r["correct"]) for r in rows_b}
+    d = [float(bool(r["correct"])) - float(b[r["id"]]) for r in rows_a if r["id"] in b]
+    if not d:
+        return None
+    n, mean = len(d), sum(d) / len(d)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) if n > 1 else 0.0
+    half = 1.96 * sd / math.sqrt(n)
+    return {"difference": round(mean, 4), "ci95": [round(mean - half, 4), round(mean + half, 4)], "n": n}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,8 +15,11 @@ probability the model gave that value and its second choice, and reports:
    from the values read, so an answer the model wrote against its own reading (right or wrong by
    luck) counts as what its reading implies.
 
-    python probe_confidence.py                                   # the base model, plain prompt
-    python probe_confidence.py --model runs/toy/sft --prompt reflect
+    python probe_confidence.py                                   # the dots task's base model, plain prompt
+    python probe_confidence.py --model runs/toy-dots/sft --prompt reflect
+
+It asks the model the test problems of its own toy task (the dots task for the models of
+`make demo-dots`; on the two-step task, where n is read right almost always, there is little to probe).
 
 Writes `--out` (JSON) and prints two tables.
 """
@@ -39,8 +42,8 @@ READ_RE = re.compile(r"\b(red|green|blue): (\d+)\.")
 class Args:
     """Does the model's confidence in a value it reads off the image predict whether the value is right?"""
 
-    model: str = "runs/toy/base"
-    """model directory (toy)"""
+    model: str = "runs/toy-dots/base"
+    """model directory (a toy model; `make demo-dots` builds the dots task's)"""
     prompt: str = "plain"
     """system prompt: plain (base, plain-CoT models) or reflect (reflection SFT, SRPO)"""
     n: int = 300
@@ -128,7 +131,7 @@ def main(args: Args):
                          f"{sorted(common.SYSTEM_PROMPTS)} (got {args.prompt!r})")
     model, processor = common.load_policy(args.model)
     model.eval()
-    test = toy.toy_dataset("test", args.n)
+    test = toy.toy_dataset("test", args.n, task=processor.task)
     system_prompt = common.SYSTEM_PROMPTS[args.prompt]
     responses = common.generate_responses(model, processor, test["question"], test["image"],
                                           system_prompt=system_prompt, max_new_tokens=args.max_new_tokens,

@@ -1,21 +1,36 @@
 """The embedded toy world: visual math problems, a tiny Qwen2.5-VL and its tokenizer/processor.
 
-Nothing can be downloaded on a classroom laptop or in CI, so every script's defaults run on this:
+Nothing can be downloaded on a classroom laptop or in CI, so every script's defaults run on this.
+Two tasks (`--data toy` / `--data toy-dots`, `04_eval.py --benchmark toy` / `toy-dots`):
 
-* `make_problem(seed)`  - a deterministic visual math problem: a 112x112 RGB image of coloured dots
-  (or a 3-bar chart), a question, a gold answer, options for multiple choice, and a structured
-  solution (the counts read off the image + the arithmetic on them).
-* `toy_dataset(split, n)` - a `datasets.Dataset` of such problems; train and test never share a seed.
+* `toy` (the default), the two-step task: a picture of n dots of one colour (1-8, in reading order,
+  which the model reads almost perfectly) and a question with two steps of arithmetic on n, e.g.
+  "What is blue x 7 + 3?". The base model's first attempt reads n and writes the result in one step
+  ("blue: 5. 5 x 7 + 3 = 38."), which it often gets wrong; the same model asked to check it step by
+  step ("5 x 7 = 35. 35 + 3 = 38.") is right far more often. So a reflection that re-does the
+  arithmetic step by step can fix wrong answers without breaking right ones: a second look that is
+  better than the first, the property SRPO needs.
+* `toy-dots`, the contrast: dot charts with two or three colours and a bar chart (count, add,
+  subtract, compare, tallest bar). Its errors are misreads of the image, and a second look at the
+  image is the same glance as the first, so there a reflection breaks about as many answers as it
+  fixes (README, results).
+
+* `make_problem(seed, task)`  - a deterministic problem: a 112x112 RGB image, a question, a gold
+  answer, options for multiple choice, and a structured solution (the values read off the image,
+  the operation and, for `toy`, the constants).
+* `toy_dataset(split, n, seed, task)` - a `datasets.Dataset` of such problems; train and test never
+  share a seed.
 * `build_tokenizer()`, `ToyProcessor`, `build_tiny_model()` - a byte-level BPE tokenizer trained
   here, a processor that produces exactly the official Qwen2.5-VL processor's tensors, and a
   ~1M-parameter `Qwen2_5_VLForConditionalGeneration` (the real architecture, just small).
-* `oracle_reflection(...)` - the toy stand-in for the paper's teacher (o4-mini): it knows the
-  structured solution, names the first wrong step and writes the fix.
+* `oracle_reflection(...)` - the toy stand-in for the paper's teacher (o4-mini). On `toy` it writes
+  the check procedure from the image and the first attempt alone; on `toy-dots` it names the first
+  wrong step from the structured solution.
 
 Example:
     >>> p = make_problem(3)
     >>> p["question"], p["answer"]            # doctest: +SKIP
-    ('How many red dots are there?', '3')
+    ('What is red x 4 + 2?', '14')
 """
 
 import json
@@ -29,14 +44,104 @@ from PIL import Image, ImageDraw
 IMAGE_SIZE = 112  # 4 x 28: an 8x8 grid of 14-px patches, 16 image tokens after the 2x2 merge
 CELL = 28  # one image token covers a 28x28 cell; a dot or a bar block fills one cell
 COLOURS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220)}
-FAMILIES = ("count", "add", "subtract", "compare", "bar")
+TASKS = ("toy", "toy-dots")
 TEST_SEED_OFFSET = 10_000_000  # test seeds start here; train seeds are 0..TEST_SEED_OFFSET-1
+BASE_SEED_OFFSET = 20_000_000  # the toy base model's own training problems (00), seen by no later stage
 DOT_RADIUS = 9
+
+# The two-step task ("toy").
+FAMILIES = ("times_plus", "plus_times")
+MAX_DOTS = 8  # n: 1-8 dots, two rows of four
+MAX_ADDEND = 9  # c: 1-9
+# m: 2..MAX_MULTIPLIER[family]. The one difficulty knob of each family, set so that the base model's
+# one-step first attempts are right about half the time (README, "the gate"); the check's single
+# operations stay small tables either way.
+MAX_MULTIPLIER = {"times_plus": 15, "plus_times": 15}
+STEP_CUE = " Check it step by step."  # appended to a question: the check procedure as its own task
+
+# The dots task ("toy-dots"), kept as the contrast.
+DOTS_FAMILIES = ("count", "add", "subtract", "compare", "bar")
 MAX_PER_COLOUR = 4
 
 
+def check_task(task):
+    if task not in TASKS:
+        raise ValueError(f"unknown toy task {task!r}; choose from {list(TASKS)}")
+    return task
+
+
+def make_problem(seed: int, task: str = "toy") -> dict:
+    """One problem of `task`, fully determined by `seed`.
+
+    Returns a dict with `id`, `family`, `question`, `answer` (str), `choices` (list of option
+    texts, empty for free-form answers), `solution` (JSON: the values read off the image, the
+    operation, and for `toy` the constants m and c) and `image` (PIL RGB, 112x112).
+    """
+    return _two_step_problem(seed) if check_task(task) == "toy" else _dots_problem(seed)
+
+
 # ----------------------------------------------------------------------------------------------
-# Problems
+# The two-step task ("toy")
+
+
+def _draw_count(rng, colour, n):
+    """n dots of one colour in reading order (left to right, then the next row), one per cell."""
+    img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    for i in range(n):
+        row, col = divmod(i, IMAGE_SIZE // CELL)
+        cx = col * CELL + CELL // 2 + rng.randint(-3, 3)
+        cy = row * CELL + CELL // 2 + rng.randint(-3, 3)
+        draw.ellipse([cx - DOT_RADIUS, cy - DOT_RADIUS, cx + DOT_RADIUS, cy + DOT_RADIUS], fill=COLOURS[colour])
+    return img
+
+
+def check_steps(op, n, m, c):
+    """The check procedure: the two single operations of a two-step problem, [(x, sign, y, result)].
+
+    Example: check_steps("times_plus", 5, 7, 3) == [(5, "x", 7, 35), (35, "+", 3, 38)]
+    """
+    if op == "times_plus":  # n x m + c
+        return [(n, "x", m, n * m), (n * m, "+", c, n * m + c)]
+    if op == "plus_times":  # (n + c) x m
+        return [(n, "+", c, n + c), (n + c, "x", m, (n + c) * m)]
+    raise ValueError(f"not a two-step operation: {op!r}")
+
+
+def _expression(op, x, m, c):
+    """The question's expression with x (a colour or a number) for n, e.g. 'blue x 7 + 3'."""
+    return f"{x} x {m} + {c}" if op == "times_plus" else f"( {x} + {c} ) x {m}"
+
+
+def _two_step_problem(seed):
+    rng = random.Random(seed)
+    family = FAMILIES[rng.randrange(len(FAMILIES))]
+    colour = rng.choice(list(COLOURS))
+    n = rng.randint(1, MAX_DOTS)
+    m, c = rng.randint(2, MAX_MULTIPLIER[family]), rng.randint(1, MAX_ADDEND)
+    image = _draw_count(rng, colour, n)
+    result = check_steps(family, n, m, c)[-1][-1]
+    solution = json.dumps({"reads": [[colour, n]], "op": family, "m": m, "c": c, "result": result})
+    return {"id": f"toy-{seed}", "family": family, "question": f"What is {_expression(family, colour, m, c)}?",
+            "answer": str(result), "choices": [], "solution": solution, "image": image}
+
+
+def single_step_problem(seed):
+    """A text-only single operation, one of the check's sub-skills ("What is 35 + 3?"), as (question,
+    target): the base model learns these as the paper's base model knows its arithmetic (00 only)."""
+    rng = random.Random(seed)
+    p = _two_step_problem(seed)
+    sol = json.loads(p["solution"])
+    x, sign, y, z = check_steps(sol["op"], sol["reads"][0][1], sol["m"], sol["c"])[rng.randrange(2)]
+    return f"What is {x} {sign} {y}?", f"<think> {x} {sign} {y} = {z}.</think>\n<answer>{z}</answer>"
+
+
+def _steps_text(steps):
+    return " ".join(f"{x} {sign} {y} = {z}." for x, sign, y, z in steps)
+
+
+# ----------------------------------------------------------------------------------------------
+# The dots task ("toy-dots")
 
 
 def _draw_dots(rng, counts):
@@ -70,15 +175,9 @@ def _draw_bars(heights):
     return img
 
 
-def make_problem(seed: int) -> dict:
-    """One problem, fully determined by `seed`.
-
-    Returns a dict with `id`, `family`, `question`, `answer` (str), `choices` (list of option
-    texts, empty for free-form answers), `solution` (JSON: the values read off the image and the
-    operation) and `image` (PIL RGB, 112x112).
-    """
+def _dots_problem(seed):
     rng = random.Random(seed)
-    family = FAMILIES[rng.randrange(len(FAMILIES))]
+    family = DOTS_FAMILIES[rng.randrange(len(DOTS_FAMILIES))]
     c1, c2 = rng.sample(list(COLOURS), 2)
     choices = []
     if family == "bar":
@@ -116,12 +215,12 @@ def make_problem(seed: int) -> dict:
             op = "compare"
         answer = "ABC"[choices.index(result)] if choices else str(result)
     solution = json.dumps({"reads": reads, "op": op, "result": result})
-    return {"id": f"toy-{seed}", "family": family, "question": question, "answer": answer,
+    return {"id": f"dots-{seed}", "family": family, "question": question, "answer": answer,
             "choices": choices, "solution": solution, "image": image}
 
 
 def solve(reads, op):
-    """The arithmetic step of a solution, from the values read off the image."""
+    """The arithmetic step of a dots solution, from the values read off the image."""
     values = [v for _, v in reads]
     if op == "read":
         return values[0]
@@ -136,7 +235,7 @@ def solve(reads, op):
 
 
 def solution_text(reads, op) -> str:
-    """Chain of thought for a solution, e.g. 'red: 3. blue: 2. 3 + 2 = 5.'"""
+    """Chain of thought for a dots solution, e.g. 'red: 3. blue: 2. 3 + 2 = 5.'"""
     text = " ".join(f"{c}: {v}." for c, v in reads)
     result = solve(reads, op)
     if op in "+-":
@@ -148,36 +247,65 @@ def solution_text(reads, op) -> str:
     return text
 
 
+# ----------------------------------------------------------------------------------------------
+# Both tasks: answers, chain-of-thought targets, the toy teacher, datasets
+
+
+def is_two_step(problem) -> bool:
+    return json.loads(problem["solution"])["op"] in FAMILIES
+
+
 def answer_from_reads(problem: dict, reads) -> str:
     """The answer (option letter or number) that `reads`, [(colour, value)] in the solution's order, lead to."""
-    result = solve(reads, json.loads(problem["solution"])["op"])
+    sol = json.loads(problem["solution"])
+    if sol["op"] in FAMILIES:
+        return str(check_steps(sol["op"], reads[0][1], sol["m"], sol["c"])[-1][-1])
+    result = solve(reads, sol["op"])
     return "ABC"[problem["choices"].index(result)] if problem["choices"] else str(result)
 
 
-def cot_response(problem: dict, reads=None) -> str:
+def cot_response(problem: dict, reads=None, stepwise=False) -> str:
     """Plain chain-of-thought target `<think>...</think>\\n<answer>...</answer>` for `problem`.
 
     `reads` overrides the values read off the image (used to make a deliberately wrong answer).
+    Two-step task: the first attempt reads n and writes the result in one step ("blue: 5. 5 x 7 + 3
+    = 38."); `stepwise` runs the check procedure instead ("blue: 5. 5 x 7 = 35. 35 + 3 = 38.").
     """
     sol = json.loads(problem["solution"])
     reads = reads if reads is not None else [tuple(r) for r in sol["reads"]]
     answer = answer_from_reads(problem, reads)
     # The space after <think> makes the first colour the same token as in the question (" red"), which
     # the tiny model copies far sooner than a different token ("red").
+    if sol["op"] in FAMILIES:
+        (colour, n), = reads
+        work = _steps_text(check_steps(sol["op"], n, sol["m"], sol["c"])) if stepwise else \
+            f"{_expression(sol['op'], n, sol['m'], sol['c'])} = {answer}."
+        return f"<think> {colour}: {n}. {work}</think>\n<answer>{answer}</answer>"
     return f"<think> {solution_text(reads, sol['op'])}</think>\n<answer>{answer}</answer>"
 
 
 _READ_RE = re.compile(r"\b(red|green|blue): (\d+)")
+_RESULT_RE = re.compile(r"= (\d+)\.")
 
 
 def oracle_reflection(problem: dict, policy_cot: str, policy_correct: bool) -> str:
-    """The toy teacher: a reflection written from the structured solution (a stand-in for o4-mini).
+    """The toy teacher: a reflection, a stand-in for the paper's o4-mini.
 
-    Like the paper's teacher it sees the policy's reasoning and the correct answer. For a wrong
-    answer it names the first wrong step and redoes the reasoning from there; for a right one it
-    confirms the steps in the shortest form.
+    Two-step task: the check procedure, written from the image (the value n drawn) and the first
+    attempt alone: the two single operations, then whether they agree with the first attempt's
+    result, e.g. "Check: 5 x 7 = 35. 35 + 3 = 38. The first answer is wrong." Nothing in it is
+    something the student could not reproduce (`policy_correct` is not used: the verdict compares
+    the check with the result the first attempt wrote).
+    Dots task: like the paper's teacher it sees the policy's reasoning and the correct answer; for a
+    wrong answer it names the first wrong step and redoes the reasoning from there; for a right one
+    it confirms the steps in the shortest form.
     """
     sol = json.loads(problem["solution"])
+    if sol["op"] in FAMILIES:
+        steps = check_steps(sol["op"], sol["reads"][0][1], sol["m"], sol["c"])
+        written = _RESULT_RE.findall((policy_cot or "").split("</think>")[0])  # the first attempt's result
+        verdict = "right" if written and int(written[-1]) == steps[-1][-1] else "wrong"
+        return f"Check: {_steps_text(steps)} The first answer is {verdict}."
     truth = [tuple(r) for r in sol["reads"]]
     seen = dict((c, int(v)) for c, v in _READ_RE.findall(policy_cot or ""))
     fix = solution_text(truth, sol["op"])
@@ -192,15 +320,17 @@ def oracle_reflection(problem: dict, policy_cot: str, policy_correct: bool) -> s
     return f"The values are read right but the last step is wrong. Redo it: {fix}"
 
 
-def toy_dataset(split: str = "train", n: int = 2000, seed: int = 0):
-    """`n` toy problems as a `datasets.Dataset` with an Image feature. Test seeds never meet train seeds."""
+def toy_dataset(split: str = "train", n: int = 2000, seed: int = 0, task: str = "toy"):
+    """`n` problems of `task` as a `datasets.Dataset` with an Image feature. Test seeds never meet train seeds."""
     import datasets
 
+    check_task(task)
     if split not in ("train", "test"):
         raise ValueError(f"toy split must be 'train' or 'test', got {split!r}")
     start = seed * n + (TEST_SEED_OFFSET if split == "test" else 0)
     assert start + n <= TEST_SEED_OFFSET or split == "test", "train seeds would reach the test range"
-    rows = [make_problem(s) for s in range(start, start + n)]
+    assert split == "train" or start + n <= BASE_SEED_OFFSET, "test seeds would reach the base model's range"
+    rows = [make_problem(s, task) for s in range(start, start + n)]
     features = datasets.Features({
         "id": datasets.Value("string"), "family": datasets.Value("string"),
         "question": datasets.Value("string"), "answer": datasets.Value("string"),
@@ -208,6 +338,12 @@ def toy_dataset(split: str = "train", n: int = 2000, seed: int = 0):
         "image": datasets.Image(),
     })
     return datasets.Dataset.from_list(rows, features=features)
+
+
+def problem_from_id(pid: str) -> dict:
+    """The problem behind a toy id ('toy-123' or 'dots-123'), image included (the report draws it again)."""
+    prefix, _, seed = pid.partition("-")
+    return make_problem(int(seed), {"toy": "toy", "dots": "toy-dots"}[prefix])
 
 
 def count_blobs(image: Image.Image, colour: str) -> int:
@@ -256,28 +392,41 @@ CHAT_TEMPLATE = (
 )
 
 
-def _tokenizer_corpus(extra_texts=()):
+def _tokenizer_corpus(extra_texts=(), task="toy"):
     texts = list(extra_texts)
     for seed in range(3000):
-        p = make_problem(TEST_SEED_OFFSET * 3 + seed)  # a seed range used by neither split
+        p = make_problem(TEST_SEED_OFFSET * 3 + seed, task)  # a seed range used by neither split
         sol = json.loads(p["solution"])
-        texts += [p["question"], cot_response(p),
-                  oracle_reflection(p, "", False), oracle_reflection(p, solution_text(sol["reads"], sol["op"]), True)]
-    texts += [str(i) for i in range(-20, 100)] + list("ABCDEFGHIJ")
-    return texts
+        if task == "toy":
+            cot = cot_response(p)
+            texts += [p["question"], p["question"] + STEP_CUE, cot, cot_response(p, stepwise=True),
+                      oracle_reflection(p, cot, True), oracle_reflection(p, "", False),
+                      *single_step_problem(TEST_SEED_OFFSET * 3 + seed)]
+        else:
+            texts += [p["question"], cot_response(p), oracle_reflection(p, "", False),
+                      oracle_reflection(p, solution_text(sol["reads"], sol["op"]), True)]
+    if task == "toy":  # every number the task can write, as one token with and without its space
+        top = max(check_steps(op, MAX_DOTS, MAX_MULTIPLIER[op], MAX_ADDEND)[-1][-1] for op in FAMILIES)
+        texts += [f"{i} = {i}. {i}" for i in range(top + 1) for _ in range(3)]
+    else:
+        texts += [str(i) for i in range(-20, 100)]
+    return texts + list("ABCDEFGHIJ")
 
 
-def build_tokenizer(extra_texts=(), vocab_size: int = 1024):
-    """A byte-level BPE tokenizer trained on the toy corpus (+ `extra_texts`, e.g. system prompts)."""
+def build_tokenizer(extra_texts=(), vocab_size: int = 0, task: str = "toy"):
+    """A byte-level BPE tokenizer trained on the corpus of toy `task` (+ `extra_texts`, e.g. system prompts).
+
+    vocab_size 0 = the task's: 1536 for toy (every number up to 255 is one token, with and without its
+    leading space), 1024 for toy-dots."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size or {"toy": 1536, "toy-dots": 1024}[check_task(task)], special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_tokenizer_corpus(extra_texts), trainer)
+    tok.train_from_iterator(_tokenizer_corpus(extra_texts, check_task(task)), trainer)
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAG_TOKENS])
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                  additional_special_tokens=SPECIAL_TOKENS[1:], padding_side="left")
@@ -294,21 +443,23 @@ class ToyProcessor:
     Outputs: `input_ids`, `attention_mask`, `pixel_values` (all images' patches, flat),
     `image_grid_thw` (one row per image) and `mm_token_type_ids` (1 at image tokens), without which
     transformers 5 silently falls back to 1-D positions instead of Qwen's 3-D M-RoPE.
+    `task` is the toy task the model was built for ('toy' or 'toy-dots'), saved with it, so that
+    quick checks of a toy model (common.evaluate_toy) ask it the right kind of problem.
     """
 
-    def __init__(self, tokenizer, image_processor):
-        self.tokenizer, self.image_processor = tokenizer, image_processor
+    def __init__(self, tokenizer, image_processor, task="toy"):
+        self.tokenizer, self.image_processor, self.task = tokenizer, image_processor, check_task(task)
         self.image_token = "<|image_pad|>"
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
         self.chat_template = tokenizer.chat_template
 
     @classmethod
-    def build(cls, tokenizer):
+    def build(cls, tokenizer, task="toy"):
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         # min/max pixels keep a 112x112 image at 112x112: 64 patches -> 16 image tokens.
         ip = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=IMAGE_SIZE * IMAGE_SIZE)
-        return cls(tokenizer, ip)
+        return cls(tokenizer, ip, task)
 
     def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False, **kw):
         return self.tokenizer.apply_chat_template(messages, tokenize=tokenize,
@@ -351,14 +502,16 @@ class ToyProcessor:
         self.tokenizer.save_pretrained(path)
         self.image_processor.save_pretrained(path)
         with open(os.path.join(path, "toy_processor.json"), "w") as f:
-            json.dump({"processor_class": "ToyProcessor", "note": "see toy.py"}, f)
+            json.dump({"processor_class": "ToyProcessor", "task": self.task, "note": "see toy.py"}, f)
 
     @classmethod
     def from_pretrained(cls, path):
         from transformers import AutoTokenizer
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-        return cls(AutoTokenizer.from_pretrained(path), Qwen2VLImageProcessorPil.from_pretrained(path))
+        with open(os.path.join(path, "toy_processor.json")) as f:
+            task = json.load(f).get("task", "toy-dots")  # saved before there were two tasks: the dots one
+        return cls(AutoTokenizer.from_pretrained(path), Qwen2VLImageProcessorPil.from_pretrained(path), task)
 
 
 def build_tiny_model(tokenizer, *, hidden: int = 128, layers: int = 4, vision_hidden: int = 64,

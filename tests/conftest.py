@@ -44,5 +44,5 @@ def base_model_dir(tmp_path_factory):
     """A briefly trained toy base model (00_base_model.py at a tiny budget): answers in format."""
     mod = load_script("00_base_model")
     out = tmp_path_factory.mktemp("base") / "base"
-    mod.main(mod.Args(out_dir=str(out), steps=80, batch_size=16, lr=3e-3, train_size=800, eval_size=20, hidden=64, layers=2))
+    mod.main(mod.Args(out_dir=str(out), steps=200, batch_size=16, lr=3e-3, train_size=800, eval_size=20, hidden=64, layers=2))
     return str(out)

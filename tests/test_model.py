@@ -23,10 +23,11 @@ PLAIN = common.SYSTEM_PROMPTS["plain"]
 
 
 def _one_per_family(families=toy.FAMILIES):
-    """The first toy test problem of each family: questions of different lengths."""
+    """The first toy test problem of each family (of either task): questions of different lengths."""
+    task = "toy" if set(families) <= set(toy.FAMILIES) else "toy-dots"
     seen = {}
     for s in range(toy.TEST_SEED_OFFSET, toy.TEST_SEED_OFFSET + 200):
-        p = toy.make_problem(s)
+        p = toy.make_problem(s, task)
         seen.setdefault(p["family"], p)
     return [seen[f] for f in families]
 

@@ -1,49 +1,123 @@
-"""The whole toy pipeline (00 -> 01 -> 02 -> 03 -> 04) at a tiny budget: every stage's outputs exist
-and are well formed. The learning itself is what `make demo` shows, not something a timed test asserts."""
+"""The whole toy pipeline (00 -> 01 -> 02 -> 03 -> 04 -> report) at a tiny budget, with both baselines:
+every stage's outputs exist and are well formed, and the report page is self-contained. The learning
+itself is what `make demo` shows, not something a timed test asserts."""
 
 import json
 import os
+from html.parser import HTMLParser
 
 import datasets
 
 import common
+import toy
 from conftest import load_script
+
+MODELS = ("base", "sft", "srpo", "grpo", "scratchpad")
+
+
+class _Page(HTMLParser):
+    """What the report test looks at: element ids, table rows per model, image sources, links."""
+
+    def __init__(self):
+        super().__init__()
+        self.ids, self.models, self.images, self.links = set(), [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if "id" in a:
+            self.ids.add(a["id"])
+        if tag == "tr" and "data-model" in a:
+            self.models.append(a["data-model"])
+        if tag == "img":
+            self.images.append(a.get("src", ""))
+        if tag in ("a", "link", "script"):
+            self.links.append(a.get("href") or a.get("src") or "")
 
 
 def test_whole_pipeline_small_budget(base_model_dir, tmp_path):
     reflect, sft, grpo, evaluate = (load_script(n) for n in ("01_reflect_data", "02_sft", "03_grpo", "04_eval"))
+    import report
+
     out = tmp_path
 
-    # 01: reflection data (the base model comes from 00 via the session fixture)
+    # 01: reflection data (the base model comes from 00 via the session fixture), and both baselines' SFT sets
     reflect.main(reflect.Args(model=base_model_dir, out_dir=str(out / "reflect"), pool_size=40, num_samples=20,
                               batch_size=20, max_new_tokens=32))
     rows = common.read_jsonl(out / "reflect" / "sft_reflect.jsonl")
     assert len(rows) == 20 and all(r["prompt_style"] == "reflect" for r in rows)
-    assert all("<reflection>" in r["response"] and r["response"].endswith(f"<answer>{r['answer']}</answer>") for r in rows)
+    assert all("<reflection>Check: " in r["response"] and r["response"].endswith(f"<answer>{r['answer']}</answer>")
+               for r in rows)
     ds = datasets.load_dataset("json", data_files=str(out / "reflect" / "sft_reflect.jsonl"), split="train")
     assert len(ds) == 20 and all(os.path.exists(out / "reflect" / p) for p in ds["image"])
     stats = json.loads((out / "reflect" / "stats.json").read_text())
-    assert stats["pool"] == 40 and stats["reflections"] == 20
+    assert stats["pool"] == 40 and stats["reflections"] == 20 and stats["scratchpad"] == stats["cot"] == 20
+    scratch = common.read_jsonl(out / "reflect" / "sft_scratchpad.jsonl")
+    assert {r["id"] for r in scratch} == {r["id"] for r in rows} and all(r["prompt_style"] == "plain" for r in scratch)
 
-    # 02: reflection SFT and plain-CoT SFT
-    for data, name in (("sft_reflect.jsonl", "sft"), ("sft_cot.jsonl", "sft_cot")):
+    # 02: reflection SFT, plain-CoT SFT and the scratchpad SFT
+    for data, name in (("sft_reflect.jsonl", "sft"), ("sft_cot.jsonl", "sft_cot"), ("sft_scratchpad.jsonl", "sft_scratchpad")):
         sft.main(sft.Args(model=base_model_dir, data=str(out / "reflect" / data), out_dir=str(out / name),
                           max_steps=2, batch_size=4, eval_size=0, save_every=0))
         assert (out / name / "model.safetensors").exists() and (out / name / "loss.png").exists()
         assert len(common.read_jsonl(out / name / "metrics.jsonl")) == 2
 
-    # 03: SRPO from the reflection-SFT model, plain GRPO from the plain-CoT SFT model
-    for model, reward, name in (("sft", "paper", "srpo"), ("sft_cot", "grpo", "grpo")):
-        res = grpo.main(grpo.Args(model=str(out / model), reward=reward, out_dir=str(out / name), steps=2,
+    # 03: SRPO from the reflection-SFT model, plain GRPO from the other two
+    runs = out / "runs"
+    for model, reward, name in (("sft", "paper", "srpo"), ("sft_cot", "grpo", "grpo"), ("sft_scratchpad", "grpo", "scratchpad")):
+        res = grpo.main(grpo.Args(model=str(out / model), reward=reward, out_dir=str(runs / name), steps=2,
                                   prompts_per_step=2, group_size=2, max_new_tokens=24, train_size=20, save_every=0))
-        assert len(res["metrics"]) == 2 and (out / name / "model.safetensors").exists()
+        assert len(res["metrics"]) == 2 and (runs / name / "model.safetensors").exists()
 
-    # 04: the comparison across the four models
-    models = f"base={base_model_dir}@plain,sft={out / 'sft'},srpo={out / 'srpo'},grpo={out / 'grpo'}@plain"
-    summaries = evaluate.main(evaluate.Args(models=models, limit=8, out_dir=str(out / "eval"), max_new_tokens=48))
-    assert set(summaries) == {"base", "sft", "srpo", "grpo"}
-    comparison = json.loads((out / "eval" / "toy-test" / "comparison.json").read_text())
-    for name in ("base", "sft", "srpo", "grpo"):
+    # 04: the comparison across the five models, with paired differences
+    models = (f"base={base_model_dir}@plain,sft={out / 'sft'},srpo={runs / 'srpo'},grpo={runs / 'grpo'}@plain,"
+              f"scratchpad={runs / 'scratchpad'}@plain")
+    summaries = evaluate.main(evaluate.Args(models=models, limit=8, out_dir=str(out / "demo"), max_new_tokens=48, seed=1))
+    assert set(summaries) == set(MODELS)
+    comparison = json.loads((out / "demo" / "toy-test" / "comparison.json").read_text())
+    assert list(comparison) == list(MODELS)
+    for name in MODELS:
         for key in ("final_accuracy", "first_accuracy", "wrong_to_right", "right_to_wrong"):
             assert 0.0 <= comparison[name][key] <= 1.0, (name, key, comparison[name][key])
-    assert (out / "eval" / "toy-test" / "comparison.png").exists()
+        assert comparison[name]["n"] == 8 and set(comparison[name]["paired"]) == set(MODELS) - {name}
+    diff = comparison["srpo"]["paired"]["base"]["difference"]
+    assert abs(diff - (comparison["srpo"]["final_accuracy"] - comparison["base"]["final_accuracy"])) < 1e-3
+    assert (out / "demo" / "toy-test" / "comparison.png").exists()
+    items = common.read_jsonl(out / "demo" / "toy-test" / "srpo" / "items.jsonl")
+    assert {i["id"] for i in items} == {f"toy-{toy.TEST_SEED_OFFSET + 8 + k}" for k in range(8)}  # --seed 1: the next 8
+
+    # report.html: one self-contained page
+    path = report.write_report(report.Args(demo_dir=str(out / "demo"), runs_dir=str(runs)))
+    page = _Page()
+    page.feed(open(path).read())
+    assert page.models == list(MODELS)
+    assert {"comparison", "paired", "chart", "curves", "wrong-to-right", "right-to-wrong", "right-to-right"} <= page.ids
+    assert page.images and all(src.startswith("data:image/png;base64,") for src in page.images)
+    assert page.links == []  # nothing to fetch: no links, scripts or stylesheets
+
+
+def test_dots_task_still_runs_end_to_end(tmp_path):
+    """The contrast (--data toy-dots, --benchmark toy-dots) at the smallest budget: every stage takes it."""
+    base, reflect, sft, grpo, evaluate = (load_script(n) for n in ("00_base_model", "01_reflect_data", "02_sft",
+                                                                    "03_grpo", "04_eval"))
+    out = tmp_path
+    result = base.main(base.Args(data="toy-dots", out_dir=str(out / "base"), steps=80, batch_size=16, lr=3e-3, train_size=800,
+                                 eval_size=8, hidden=64, layers=2))
+    assert result["task"] == "toy-dots" and set(result["accuracy"]) <= set(toy.DOTS_FAMILIES) | {"all"}
+    assert json.loads((out / "base" / "toy_processor.json").read_text())["task"] == "toy-dots"
+    stats = reflect.main(reflect.Args(data="toy-dots", model=str(out / "base"), out_dir=str(out / "reflect"),
+                                      pool_size=16, num_samples=8, batch_size=16, max_new_tokens=24, fill_from_other=True))
+    assert stats["scratchpad"] == 0 and not (out / "reflect" / "sft_scratchpad.jsonl").exists()
+    rows = common.read_jsonl(out / "reflect" / "sft_cot.jsonl")
+    assert rows and all(r["id"].startswith("dots-") for r in rows)
+    sft.main(sft.Args(model=str(out / "base"), data=str(out / "reflect" / "sft_cot.jsonl"), out_dir=str(out / "sft"),
+                      max_steps=1, batch_size=2, eval_size=4, eval_max_new_tokens=16, save_every=0))
+    summary = json.loads((out / "sft" / "sft_summary.json").read_text())
+    assert summary["after"]["n"] == 4 and set(summary["after"]["per_family"]) <= set(toy.DOTS_FAMILIES)
+    res = grpo.main(grpo.Args(data="toy-dots", model=str(out / "sft"), reward="grpo", out_dir=str(out / "grpo"),
+                              steps=1, prompts_per_step=2, group_size=2, max_new_tokens=16, train_size=8, save_every=0))
+    assert len(res["metrics"]) == 1
+    summaries = evaluate.main(evaluate.Args(benchmark="toy-dots", model=str(out / "grpo"), prompt="plain", limit=4,
+                                            out_dir=str(out / "eval"), max_new_tokens=16))
+    assert set(summaries["grpo"]["categories"]) <= set(toy.DOTS_FAMILIES)
+    assert {r["id"] for r in common.read_jsonl(out / "eval" / "toy-dots-test" / "grpo-plain" / "items.jsonl")} == \
+        {f"dots-{toy.TEST_SEED_OFFSET + k}" for k in range(4)}

@@ -18,7 +18,7 @@ def test_auc():
 
 
 def _problem(family):
-    return next(toy.make_problem(s) for s in range(1000) if toy.make_problem(s)["family"] == family)
+    return next(p for p in (toy.make_problem(s, "toy-dots") for s in range(1000)) if p["family"] == family)
 
 
 def test_reread_replaces_only_values_below_the_threshold():
@@ -57,7 +57,7 @@ def test_read_probabilities_find_the_value_tokens(tiny_model_dir):
                  "<think> red: 12. blue: 1.</think>\n<answer>13</answer>",  # 12 may be two tokens
                  "<think> red: 3. blue: 2. 3 + 2 = 5. blue: 4.",  # no </think>: no first think
                  "<think> red: 1.</think>\n<answer>1</answer>\n<reflection>red: 2.</reflection>"]
-    problems = [toy.make_problem(s) for s in range(len(responses))]
+    problems = [toy.make_problem(s, "toy-dots") for s in range(len(responses))]
     reads = probe.read_probabilities(model, processor, problems, responses, common.SYSTEM_PROMPTS["plain"])
     assert [[(r["colour"], r["value"]) for r in row] for row in reads][:2] == [[("blue", 2)], [("green", 4)]]
     assert ("blue", 1) in [(r["colour"], r["value"]) for r in reads[2]] and reads[3] == []

@@ -1,5 +1,6 @@
 """The toy world (toy.py): problems are deterministic, the pictures agree with the answers, the splits
-never overlap, and the toy teacher names the first wrong step.
+never overlap, and the toy teacher writes what the task's reflection should say. The dots task
+("toy-dots", the contrast) first, then the two-step task ("toy", the default).
 
 Nothing here is mocked: answers are checked against what is actually drawn in the images, by counting
 connected blobs of each colour (`toy.count_blobs`) and measuring bar heights in pixels.
@@ -22,7 +23,11 @@ COT_RE = re.compile(r"<think>(.+)</think>\n<answer>(.+)</answer>", re.DOTALL)
 
 @pytest.fixture(scope="module")
 def problems():
-    return [toy.make_problem(s) for s in range(N)] + [toy.make_problem(toy.TEST_SEED_OFFSET + s) for s in range(N)]
+    return [dots(s) for s in range(N)] + [dots(toy.TEST_SEED_OFFSET + s) for s in range(N)]
+
+
+def dots(seed):
+    return toy.make_problem(seed, "toy-dots")
 
 
 def _reads(p):
@@ -46,13 +51,13 @@ def _bar_heights_px(image):
 
 def test_make_problem_is_deterministic_per_seed():
     for seed in (0, 7, toy.TEST_SEED_OFFSET + 3):
-        a, b = toy.make_problem(seed), toy.make_problem(seed)
+        a, b = dots(seed), dots(seed)
         for key in ("id", "family", "question", "answer", "choices", "solution"):
             assert a[key] == b[key], (seed, key)
         assert np.array_equal(np.asarray(a["image"]), np.asarray(b["image"])), seed
         assert a["image"].size == (toy.IMAGE_SIZE, toy.IMAGE_SIZE) and a["image"].mode == "RGB"
     # ...and different seeds really give different problems (not one problem repeated).
-    assert len({(p["question"], p["answer"], np.asarray(p["image"]).tobytes()) for p in map(toy.make_problem, range(30))}) == 30
+    assert len({(p["question"], p["answer"], np.asarray(p["image"]).tobytes()) for p in map(dots, range(30))}) == 30
 
 
 def test_count_blobs_on_a_hand_drawn_image():
@@ -117,7 +122,7 @@ def test_bar_images_agree_with_solution_and_answer(problems):
 
 
 def test_dataset_columns_features_and_families():
-    ds = toy.toy_dataset("train", 100)
+    ds = toy.toy_dataset("train", 100, task="toy-dots")
     assert isinstance(ds, datasets.Dataset) and len(ds) == 100
     assert set(ds.column_names) == {"id", "family", "question", "answer", "choices", "solution", "image"}
     assert isinstance(ds.features["image"], datasets.Image)
@@ -125,13 +130,14 @@ def test_dataset_columns_features_and_families():
     assert isinstance(row["image"], Image.Image) and row["image"].size == (toy.IMAGE_SIZE, toy.IMAGE_SIZE)
     assert isinstance(row["choices"], list) and isinstance(row["answer"], str)
     # The stored image is the drawn one (lossless round trip through the Image feature).
-    p = toy.make_problem(0)
+    p = dots(0)
     assert row["id"] == p["id"] and row["question"] == p["question"]
     assert np.array_equal(np.asarray(row["image"].convert("RGB")), np.asarray(p["image"]))
     for split in ("train", "test"):
+        assert set(toy.toy_dataset(split, 60, task="toy-dots")["family"]) == set(toy.DOTS_FAMILIES), split
         assert set(toy.toy_dataset(split, 60)["family"]) == set(toy.FAMILIES), split
     # Deterministic: the same call gives the same rows.
-    again = toy.toy_dataset("train", 100)
+    again = toy.toy_dataset("train", 100, task="toy-dots")
     assert again["id"] == ds["id"] and again["answer"] == ds["answer"]
 
 
@@ -176,7 +182,7 @@ def test_cot_response_format_and_answer(problems):
 
 
 def test_cot_response_with_wrong_reads_gives_the_wrong_answer_for_counts():
-    p = next(p for p in map(toy.make_problem, range(100)) if p["family"] == "add")
+    p = next(p for p in map(dots, range(100)) if p["family"] == "add")
     (c1, n1), (c2, n2) = _reads(p)
     cot = toy.cot_response(p, reads=[(c1, n1 + 1), (c2, n2)])
     assert COT_RE.fullmatch(cot).group(2) == str(n1 + n2 + 1) != p["answer"]
@@ -211,7 +217,7 @@ def test_oracle_reflection_names_the_first_wrong_value(problems):
 
 
 def test_oracle_reflection_missing_read_and_wrong_arithmetic():
-    p = next(p for p in map(toy.make_problem, range(100)) if p["family"] == "add")
+    p = next(p for p in map(dots, range(100)) if p["family"] == "add")
     (c1, n1), (c2, n2) = _reads(p)
     msg = toy.oracle_reflection(p, "<think>I just guess.</think>\n<answer>9</answer>", False)
     assert msg.startswith(f"The {c1} value was never read off the image")
@@ -219,3 +225,97 @@ def test_oracle_reflection_missing_read_and_wrong_arithmetic():
     msg = toy.oracle_reflection(p, wrong_sum, False)
     assert msg.startswith("The values are read right but the last step is wrong")
     assert f"{n1} + {n2} = {n1 + n2}." in msg
+
+
+# ----------------------------------------------------------------------------------------------
+# The two-step task ("toy"): n dots of one colour, two operations on n
+
+
+TWO_STEP_RE = re.compile(r"What is (?:(red|green|blue) x (\d+) \+ (\d+)|\( (red|green|blue) \+ (\d+) \) x (\d+))\?")
+
+
+def _arith(x, sign, y):
+    return {"x": x * y, "+": x + y}[sign]
+
+
+@pytest.fixture(scope="module")
+def two_step():
+    return [toy.make_problem(s) for s in range(N)] + [toy.make_problem(toy.TEST_SEED_OFFSET + s) for s in range(N)]
+
+
+def test_two_step_images_and_answers_follow_from_picture_and_question(two_step):
+    families = set()
+    for p in two_step:
+        m = TWO_STEP_RE.fullmatch(p["question"])
+        assert m, p["question"]
+        colour = m[1] or m[4]
+        counts = {c: toy.count_blobs(p["image"], c) for c in COLOURS}
+        n = counts[colour]
+        assert 1 <= n <= toy.MAX_DOTS and sum(counts.values()) == n, (p["id"], counts)  # one colour only
+        expected = n * int(m[2]) + int(m[3]) if m[1] else (n + int(m[5])) * int(m[6])
+        assert p["answer"] == str(expected) and p["choices"] == [], (p["id"], p["question"], n)
+        assert p["id"] == f"toy-{p['id'].split('-')[1]}" and toy.is_two_step(p)
+        families.add(p["family"])
+        sol = json.loads(p["solution"])
+        assert 2 <= sol["m"] <= toy.MAX_MULTIPLIER[p["family"]] and 1 <= sol["c"] <= toy.MAX_ADDEND
+    assert families == set(toy.FAMILIES)
+
+
+def test_two_step_first_attempt_and_check_procedure(two_step):
+    for p in two_step[:60]:
+        (colour, n), = json.loads(p["solution"])["reads"]
+        one = COT_RE.fullmatch(toy.cot_response(p))
+        step = COT_RE.fullmatch(toy.cot_response(p, stepwise=True))
+        assert one and step and one[2] == step[2] == p["answer"]
+        # The first attempt reads n, then writes the whole expression and its value in one step.
+        assert one[1].startswith(f" {colour}: {n}. ") and one[1].count("=") == 1
+        # The check: two single operations, each right, the second starting from the first's result.
+        ops = re.findall(r"(\d+) ([x+]) (\d+) = (\d+)\.", step[1])
+        assert len(ops) == 2 and step[1].startswith(f" {colour}: {n}. ")
+        for x, sign, y, z in ops:
+            assert _arith(int(x), sign, int(y)) == int(z), step[1]
+        assert ops[1][0] == ops[0][3] and ops[1][3] == p["answer"]
+        # A misread n gives the answer that n leads to, by the same procedure.
+        wrong = COT_RE.fullmatch(toy.cot_response(p, reads=[(colour, n % toy.MAX_DOTS + 1)]))
+        assert wrong[2] == toy.answer_from_reads(p, [(colour, n % toy.MAX_DOTS + 1)]) != p["answer"]
+
+
+def test_two_step_teacher_checks_from_the_image_and_the_first_attempt(two_step):
+    for p in two_step[:40]:
+        (colour, n), = json.loads(p["solution"])["reads"]
+        steps = re.findall(r"\d+ [x+] \d+ = \d+\.", toy.cot_response(p, stepwise=True))
+        right = COT_RE.fullmatch(toy.cot_response(p))[1]
+        off = right.replace(f"= {p['answer']}.", f"= {int(p['answer']) + 1}.")
+        assert toy.oracle_reflection(p, right, True) == f"Check: {' '.join(steps)} The first answer is right."
+        assert toy.oracle_reflection(p, off, False) == f"Check: {' '.join(steps)} The first answer is wrong."
+        # The verdict comes from the first attempt's own result, not from a hidden flag...
+        assert toy.oracle_reflection(p, right, False) == toy.oracle_reflection(p, right, True)
+        # ...also when it is handed the whole first attempt, answer block included.
+        assert toy.oracle_reflection(p, toy.cot_response(p), False).endswith("is right.")
+        # A misread n: the check starts from the n drawn in the image.
+        misread = toy.cot_response(p, reads=[(colour, n % toy.MAX_DOTS + 1)])
+        assert toy.oracle_reflection(p, misread, False) == f"Check: {' '.join(steps)} The first answer is wrong."
+
+
+def test_single_step_problems_are_text_only_and_right():
+    for seed in range(50):
+        question, target = toy.single_step_problem(toy.BASE_SEED_OFFSET + seed)
+        x, sign, y = re.fullmatch(r"What is (\d+) ([x+]) (\d+)\?", question).groups()
+        z = re.fullmatch(rf"<think> {x} {re.escape(sign)} {y} = (\d+)\.</think>\n<answer>(\d+)</answer>", target)
+        assert z and int(z[1]) == int(z[2]) == _arith(int(x), sign, int(y))
+
+
+def test_two_step_tokenizer_writes_every_number_as_one_token():
+    tok = toy.build_tokenizer()
+    top = max(toy.check_steps(op, toy.MAX_DOTS, toy.MAX_MULTIPLIER[op], toy.MAX_ADDEND)[-1][-1] for op in toy.FAMILIES)
+    for i in range(top + 1):
+        assert len(tok.tokenize(f" {i}")) == 1 and len(tok.tokenize(f"{i}")) == 1, i
+    assert tok.tokenize(" blue") == tok.tokenize("What is blue")[-1:]  # the colour the reads copy
+
+
+def test_problem_from_id_rebuilds_either_task():
+    for p in (toy.make_problem(12), dots(12)):
+        q = toy.problem_from_id(p["id"])
+        assert q["question"] == p["question"] and np.array_equal(np.asarray(q["image"]), np.asarray(p["image"]))
+    with pytest.raises(ValueError, match="unknown toy task"):
+        toy.make_problem(1, "toy-bars")

@@ -1,0 +1,232 @@
+"""The demo's one page: a self-contained HTML report of a toy run (images inlined, no network).
+
+    python report.py                      # runs/demo/report.html from runs/demo and runs/toy
+    python report.py --seeds runs/demo-seed0,runs/demo-seed1,runs/demo-seed2   # the table across seeds
+
+What it shows, all read from files the stages wrote:
+  1. the comparison table of 04_eval.py (comparison.json) with the paired differences, and its chart;
+  2. the RL curves of every 03_grpo.py run found (metrics.jsonl): reward, final accuracy,
+     wrong->right and right->wrong per step;
+  3. real responses of the reflective model (default `srpo`) of each kind, wrong->right,
+     right->wrong and right->right, with their images and every reward component (rewards.py).
+"""
+
+import base64
+import html
+import io
+import json
+import os
+from dataclasses import dataclass
+
+import common
+import rewards
+import toy
+
+
+@dataclass
+class Args:
+    """Write the demo's report.html from the outputs of 04_eval.py and 03_grpo.py."""
+
+    demo_dir: str = "runs/demo"
+    """04_eval.py's --out_dir of the comparison (the report is written here)"""
+    benchmark: str = "toy-test"
+    """the comparison's folder inside demo_dir (04_eval.py names it <benchmark>-<split>)"""
+    runs_dir: str = "runs/toy"
+    """where the 03_grpo.py runs are (every subfolder with a metrics.jsonl is plotted)"""
+    model: str = "srpo"
+    """the comparison's model whose responses are shown"""
+    examples: int = 3
+    """responses shown of each kind"""
+    title: str = "SRPO on the toy task"
+    """the page's title"""
+    seeds: str = ""
+    """instead of the page: demo_dirs of several seeds, comma-separated -> the table across them (printed,
+    and written to seeds.md beside the first)"""
+    pairs: str = "sft-base,srpo-sft,srpo-grpo,srpo-scratchpad"
+    """--seeds: the paired differences to show, a-b"""
+
+
+KINDS = (("wrong-to-right", "wrong → right: the reflection fixed the first answer", False, True),
+         ("right-to-wrong", "right → wrong: the reflection broke a right first answer", True, False),
+         ("right-to-right", "right → right: the reflection kept a right first answer", True, True))
+CURVES = ("reward", "final_accuracy", "wrong_to_right", "right_to_wrong")
+STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:4px 8px;text-align:right}
+th{background:#eee}td:first-child,th:first-child{text-align:left}
+.example{display:flex;gap:1em;border-top:1px solid #ddd;padding:1em 0}
+.example img{image-rendering:pixelated;width:168px;height:168px;border:1px solid #ccc}
+pre{white-space:pre-wrap;background:#f6f6f6;padding:.5em;margin:.3em 0}.small{font-size:85%;color:#555}"""
+
+
+def png_data_uri(image_or_path):
+    """A PIL image or a PNG file as a data: URI (so the page needs no other file)."""
+    if isinstance(image_or_path, str):
+        with open(image_or_path, "rb") as f:
+            data = f.read()
+    else:
+        buf = io.BytesIO()
+        image_or_path.save(buf, format="PNG")
+        data = buf.getvalue()
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def curves_png(runs):
+    """One figure, a panel per metric, a line per RL run. runs: {name: metric rows}. Returns a PIL-free PNG URI."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3), squeeze=False)
+    for ax, key in zip(axes[0], CURVES):
+        for name, rows in runs.items():
+            pts = [(r["step"], r[key]) for r in rows if key in r]
+            if pts:
+                ax.plot(*zip(*pts), label=name)
+        ax.set_title(key)
+        ax.set_xlabel("RL step")
+    axes[0][0].legend(fontsize="small")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def pct(x):
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def comparison_table(comparison):
+    head = ["model", "n", "final answer %", "first answer %", "wrong→right %", "right→wrong %", "reflection %"]
+    rows = [f"<tr>{''.join(f'<th>{h}</th>' for h in head)}</tr>"]
+    for name, c in comparison.items():
+        cells = [html.escape(name), str(c.get("n", "")), f"<b>{pct(c['final_accuracy'])}</b>", pct(c["first_accuracy"]),
+                 pct(c["wrong_to_right"]), pct(c["right_to_wrong"]), pct(c.get("reflection_rate"))]
+        rows.append(f"<tr class=\"model\" data-model=\"{html.escape(name)}\">{''.join(f'<td>{x}</td>' for x in cells)}</tr>")
+    out = f"<table id=\"comparison\">{''.join(rows)}</table>"
+    names = list(comparison)
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[:i] if comparison[a].get("paired", {}).get(b)]
+    if pairs:
+        rows = ["<tr><th>model</th><th>vs</th><th>difference (points)</th><th>95% interval</th></tr>"]
+        for a, b in pairs:
+            p = comparison[a]["paired"][b]
+            rows.append(f"<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td><td>{100 * p['difference']:+.1f}</td>"
+                        f"<td>[{100 * p['ci95'][0]:+.1f}, {100 * p['ci95'][1]:+.1f}]</td></tr>")
+        out += ("<p>Paired differences in final accuracy, over the same test problems:</p>"
+                f"<table id=\"paired\">{''.join(rows)}</table>")
+    return out
+
+
+def example_html(row, count_tokens):
+    """One response with its image, gold answer and every reward component of the paper's reward."""
+    problem = toy.problem_from_id(row["id"])
+    r = rewards.srpo_reward(row["response"], problem["answer"], choices=problem["choices"] or None,
+                            count_tokens=count_tokens)
+    parts = ", ".join(f"{k} {r[k]:.2f}" for k in ("format", "accuracy", "effectiveness", "reflection_format", "length"))
+    return (f"<div class=\"example\"><img alt=\"{html.escape(row['id'])}\" src=\"{png_data_uri(problem['image'])}\">"
+            f"<div><b>{html.escape(problem['question'])}</b> <span class=\"small\">(gold {html.escape(problem['answer'])}, "
+            f"{html.escape(row['id'])})</span><pre>{html.escape(row['response'])}</pre>"
+            f"<span class=\"small\">reward {r['total']:.2f} = {parts}</span></div></div>")
+
+
+def write_report(args: Args):
+    """Write demo_dir/report.html; returns its path."""
+    bench_dir = os.path.join(args.demo_dir, args.benchmark)
+    with open(os.path.join(bench_dir, "comparison.json")) as f:
+        comparison = json.load(f)
+    body = [f"<h1>{html.escape(args.title)}</h1>",
+            "<p>Greedy answers to the toy test problems, the last answer scored. wrong→right and right→wrong are "
+            "shares of all problems, so final = first + wrong→right − right→wrong.</p>",
+            "<h2>Comparison</h2>", comparison_table(comparison)]
+    chart = os.path.join(bench_dir, "comparison.png")
+    if os.path.exists(chart):
+        body.append(f"<img id=\"chart\" alt=\"final accuracy per family\" src=\"{png_data_uri(chart)}\">")
+    runs = {}
+    if os.path.isdir(args.runs_dir):
+        for name in sorted(os.listdir(args.runs_dir)):
+            rows = common.read_jsonl(os.path.join(args.runs_dir, name, "metrics.jsonl"))
+            if rows and "reward" in rows[0]:  # 03's metrics (02's have a loss, not a reward)
+                runs[name] = rows
+    if runs:
+        body += ["<h2>RL curves</h2>", f"<img id=\"curves\" alt=\"RL curves\" src=\"{curves_png(runs)}\">",
+                 f"<p class=\"small\">runs: {', '.join(html.escape(n) for n in runs)} (each step: every sampled response "
+                 "of the step's prompts, at temperature 1)</p>"]
+    model_dir = os.path.join(bench_dir, model_folder(args.model, comparison.get(args.model, {})))
+    items = [r for r in common.read_jsonl(os.path.join(model_dir, "items.jsonl")) if not r.get("error")]
+    if items:
+        count_tokens = None
+        with open(os.path.join(model_dir, "run.json")) as f:
+            model_path = json.load(f)["model"]
+        if common.is_toy_dir(model_path):  # the policy's own token counts, as in training
+            tok = common.load_processor(model_path).tokenizer
+            count_tokens = lambda s: len(tok(s, add_special_tokens=False).input_ids)  # noqa: E731
+        body.append(f"<h2>What {html.escape(args.model)} writes</h2>")
+        for anchor, title, first, final in KINDS:
+            chosen = [r for r in items if bool(r["first_correct"]) == first and bool(r["correct"]) == final]
+            body.append(f"<h3 id=\"{anchor}\">{html.escape(title)} ({len(chosen)} of {len(items)})</h3>")
+            body += [example_html(r, count_tokens) for r in chosen[:args.examples]] or ["<p>none</p>"]
+    page = (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{html.escape(args.title)}</title>"
+            f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>")
+    path = os.path.join(args.demo_dir, "report.html")
+    with open(path, "w") as f:
+        f.write(page)
+    print(f"report: {path}")
+    return path
+
+
+def model_folder(name, entry):
+    """04_eval.py's folder of a model in a comparison: its name, with '-<prompt>' unless the prompt is 'reflect'."""
+    return name if entry.get("prompt", "reflect") == "reflect" else f"{name}-{entry['prompt']}"
+
+
+def seeds_table(args: Args):
+    """Final accuracy of every model on each seed's test set, the paired differences with 95% intervals
+    per seed, and pooled over all seeds' problems (each seed draws different ones). Returns the Markdown."""
+    dirs = [d for d in args.seeds.split(",") if d]
+    comparisons, items = [], []
+    for d in dirs:
+        bench = os.path.join(d, args.benchmark)
+        with open(os.path.join(bench, "comparison.json")) as f:
+            comparisons.append(json.load(f))
+        items.append({m: common.read_jsonl(os.path.join(bench, model_folder(m, c), "items.jsonl"))
+                      for m, c in comparisons[-1].items()})
+    models = list(comparisons[0])
+    pairs = [tuple(p.split("-", 1)) for p in args.pairs.split(",") if p]
+    pairs = [(a, b) for a, b in pairs if a in models and b in models]
+    head = ["seed", "n", *[f"{m} %" for m in models], "srpo w→r / r→w %" if "srpo" in models else None,
+            *[f"{a} − {b} (95% interval)" for a, b in pairs]]
+    head = [h for h in head if h]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+
+    def diff(p):
+        return "-" if p is None else f"{100 * p['difference']:+.1f} [{100 * p['ci95'][0]:+.1f}, {100 * p['ci95'][1]:+.1f}]"
+
+    for comp, rows in zip(comparisons, items):
+        seed = comp[models[0]]["args"]["seed"]
+        cells = [str(seed), str(comp[models[0]]["n"]), *[pct(comp[m]["final_accuracy"]) for m in models]]
+        if "srpo" in models:
+            cells.append(f"{pct(comp['srpo']['wrong_to_right'])} / {pct(comp['srpo']['right_to_wrong'])}")
+        cells += [diff(common.paired_difference(rows[a], rows[b])) for a, b in pairs]
+        lines.append("| " + " | ".join(cells) + " |")
+    pooled = {m: [r for rows in items for r in rows[m]] for m in models}
+    n = len(pooled[models[0]])
+    cells = ["all", str(n), *[pct(sum(bool(r["correct"]) for r in pooled[m]) / max(1, len(pooled[m]))) for m in models]]
+    if "srpo" in models:
+        s = pooled["srpo"]
+        w2r = sum(not r["first_correct"] and r["correct"] for r in s) / max(1, len(s))
+        r2w = sum(r["first_correct"] and not r["correct"] for r in s) / max(1, len(s))
+        cells.append(f"{pct(w2r)} / {pct(r2w)}")
+    cells += [diff(common.paired_difference(pooled[a], pooled[b])) for a, b in pairs]
+    lines.append("| " + " | ".join(cells) + " |")
+    markdown = "\n".join(lines) + "\n"
+    path = os.path.join(os.path.dirname(os.path.normpath(dirs[0])) or ".", "seeds.md")
+    with open(path, "w") as f:
+        f.write(markdown)
+    print(markdown + f"\n-> {path}")
+    return markdown
+
+
+if __name__ == "__main__":
+    parsed = common.parse_args(Args)
+    seeds_table(parsed) if parsed.seeds else write_report(parsed)
