@@ -81,7 +81,7 @@ class Args(common.DataArgs):
 
     model: str = "models/toy_base"
     """policy model: local dir, LoRA output dir or hub id (toy: the shipped base; toy-dots: runs/toy-dots/base)"""
-    pool_size: int = 1200
+    pool_size: int = 2400
     """problems the policy answers, a seeded sample of the data (the paper: ~100K); 0 = all"""
     out_dir: str = "runs/toy/reflect"
     """where answers, the SFT sets, images and stats are written"""
@@ -95,8 +95,9 @@ class Args(common.DataArgs):
     """problems per policy generation batch (and per hf-teacher batch)"""
     threads: int = 1
     """torch CPU threads; 1 suits the tiny toy model and stays fast beside other jobs (0 = torch's default)"""
-    num_samples: int = 600
-    """N, problems kept for SFT (the paper: 10K)"""
+    num_samples: int = 1200
+    """N, problems kept for SFT (the paper: 10K; the toy's 600 of earlier versions left reflection SFT 8 points
+    lower, README)"""
     correct_fraction: float = 0.3
     """share of kept problems whose first answer is right (the paper: 0.3)"""
     fill_from_other: bool = True

@@ -59,8 +59,8 @@ class Args(common.DataArgs):
     """key of common.SYSTEM_PROMPTS; 'auto' = 'plain' for the grpo reward, else 'reflect'"""
     steps: int = 40
     """rollout steps (paper: 500)"""
-    prompts_per_step: int = 8
-    """prompts per rollout per process (paper: 128 over 8 GPUs)"""
+    prompts_per_step: int = 32
+    """prompts per rollout per process (paper: 128 over 8 GPUs; toy: 32 x G = 256 samples a step)"""
     group_size: int = 8
     """G, responses sampled per prompt (paper: 8)"""
     temperature: float = 1.0
@@ -87,8 +87,9 @@ class Args(common.DataArgs):
     """lower bound of the accuracy filter"""
     filter_high: float = 0.9
     """upper bound of the accuracy filter"""
-    lr: float = 1e-4
-    """learning rate (paper: 1e-6 for 7B full fine-tuning; the tiny toy model needs more)"""
+    lr: float = 4e-4
+    """learning rate (paper: 1e-6 for 7B full fine-tuning; the tiny toy model needs more: 4e-4 at 32 prompts
+    a step; 1e-3 collapsed it, README)"""
     warmup_ratio: float = 0.03
     """share of steps in linear warm-up"""
     min_lr_ratio: float = 0.1

@@ -291,9 +291,10 @@ _RESULT_RE = re.compile(r"= (\d+)\.")
 def oracle_reflection(problem: dict, policy_cot: str, policy_correct: bool) -> str:
     """The toy teacher: a reflection, a stand-in for the paper's o4-mini.
 
-    Two-step task: the check procedure, written from the image (the value n drawn) and the first
-    attempt alone: the two single operations, then whether they agree with the first attempt's
-    result, e.g. "Check: 5 x 7 = 35. 35 + 3 = 38. The first answer is wrong." Nothing in it is
+    Two-step task: the check procedure in the form the base model runs it when asked (toy.STEP_CUE),
+    written from the image (the colour and the n drawn) and the first attempt alone: n read again,
+    the two single operations, then whether they agree with the first attempt's result, e.g.
+    "Check: blue: 5. 5 x 7 = 35. 35 + 3 = 38. The first answer is wrong." Nothing in it is
     something the student could not reproduce (`policy_correct` is not used: the verdict compares
     the check with the result the first attempt wrote).
     Dots task: like the paper's teacher it sees the policy's reasoning and the correct answer; for a
@@ -305,7 +306,7 @@ def oracle_reflection(problem: dict, policy_cot: str, policy_correct: bool) -> s
         steps = check_steps(sol["op"], sol["reads"][0][1], sol["m"], sol["c"])
         written = _RESULT_RE.findall((policy_cot or "").split("</think>")[0])  # the first attempt's result
         verdict = "right" if written and int(written[-1]) == steps[-1][-1] else "wrong"
-        return f"Check: {_steps_text(steps)} The first answer is {verdict}."
+        return f"Check: {sol['reads'][0][0]}: {sol['reads'][0][1]}. {_steps_text(steps)} The first answer is {verdict}."
     truth = [tuple(r) for r in sol["reads"]]
     seen = dict((c, int(v)) for c, v in _READ_RE.findall(policy_cot or ""))
     fix = solution_text(truth, sol["op"])
@@ -398,9 +399,11 @@ def _tokenizer_corpus(extra_texts=(), task="toy"):
         p = make_problem(TEST_SEED_OFFSET * 3 + seed, task)  # a seed range used by neither split
         sol = json.loads(p["solution"])
         if task == "toy":
-            cot = cot_response(p)
-            texts += [p["question"], p["question"] + STEP_CUE, cot, cot_response(p, stepwise=True),
-                      oracle_reflection(p, cot, True), oracle_reflection(p, "", False),
+            # Fixed strings, not oracle_reflection's: the corpus the shipped base's tokenizer was built from
+            # (`make base` rebuilds the same tokenizer); every word a reflection writes is in it.
+            steps = _steps_text(check_steps(sol["op"], sol["reads"][0][1], sol["m"], sol["c"]))
+            texts += [p["question"], p["question"] + STEP_CUE, cot_response(p), cot_response(p, stepwise=True),
+                      f"Check: {steps} The first answer is right.", f"Check: {steps} The first answer is wrong.",
                       *single_step_problem(TEST_SEED_OFFSET * 3 + seed)]
         else:
             texts += [p["question"], cot_response(p), oracle_reflection(p, "", False),

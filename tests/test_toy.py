@@ -283,18 +283,20 @@ def test_two_step_first_attempt_and_check_procedure(two_step):
 def test_two_step_teacher_checks_from_the_image_and_the_first_attempt(two_step):
     for p in two_step[:40]:
         (colour, n), = json.loads(p["solution"])["reads"]
-        steps = re.findall(r"\d+ [x+] \d+ = \d+\.", toy.cot_response(p, stepwise=True))
+        # The check procedure's own form: what the base model writes when asked to check step by step.
+        check = COT_RE.fullmatch(toy.cot_response(p, stepwise=True))[1].strip()
+        assert re.fullmatch(rf"{colour}: {n}\. \d+ [x+] \d+ = \d+\. \d+ [x+] \d+ = \d+\.", check), check
         right = COT_RE.fullmatch(toy.cot_response(p))[1]
         off = right.replace(f"= {p['answer']}.", f"= {int(p['answer']) + 1}.")
-        assert toy.oracle_reflection(p, right, True) == f"Check: {' '.join(steps)} The first answer is right."
-        assert toy.oracle_reflection(p, off, False) == f"Check: {' '.join(steps)} The first answer is wrong."
+        assert toy.oracle_reflection(p, right, True) == f"Check: {check} The first answer is right."
+        assert toy.oracle_reflection(p, off, False) == f"Check: {check} The first answer is wrong."
         # The verdict comes from the first attempt's own result, not from a hidden flag...
         assert toy.oracle_reflection(p, right, False) == toy.oracle_reflection(p, right, True)
         # ...also when it is handed the whole first attempt, answer block included.
         assert toy.oracle_reflection(p, toy.cot_response(p), False).endswith("is right.")
-        # A misread n: the check starts from the n drawn in the image.
-        misread = toy.cot_response(p, reads=[(colour, n % toy.MAX_DOTS + 1)])
-        assert toy.oracle_reflection(p, misread, False) == f"Check: {' '.join(steps)} The first answer is wrong."
+        # A misread n (or colour): the check reads the n drawn in the image again.
+        misread = toy.cot_response(p, reads=[("red" if colour != "red" else "blue", n % toy.MAX_DOTS + 1)])
+        assert toy.oracle_reflection(p, misread, False) == f"Check: {check} The first answer is wrong."
 
 
 def test_single_step_problems_are_text_only_and_right():
