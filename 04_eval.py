@@ -920,7 +920,7 @@ def _bar_chart(summaries, categories, path, title):
     ax.set_xticks(range(len(groups)), groups, rotation=30 if crowded else 0, ha="right" if crowded else "center")
     ax.set_ylabel("final-answer accuracy (%)")
     ax.set_title(title)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the bars, not over them
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

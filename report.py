@@ -50,7 +50,7 @@ KINDS = (("wrong-to-right", "wrong → right: the reflection fixed the first ans
          ("right-to-wrong", "right → wrong: the reflection broke a right first answer", True, False),
          ("right-to-right", "right → right: the reflection kept a right first answer", True, True))
 CURVES = ("reward", "final_accuracy", "wrong_to_right", "right_to_wrong")
-STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
+STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}img{max-width:100%}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:4px 8px;text-align:right}
 th{background:#eee}td:first-child,th:first-child{text-align:left}
 .example{display:flex;gap:1em;border-top:1px solid #ddd;padding:1em 0}
