@@ -967,7 +967,8 @@ def main(args):
           f"max_new_tokens {max_new_tokens}, scoring {'judge ' + args.judge_model if extract else 'rule-based'}")
     summaries, item_rows = {}, {}
     for name, (path, prompt) in models.items():
-        model_dir = os.path.join(run_dir, name if prompt == "reflect" else f"{name}-{prompt}")
+        folder = name if prompt == "reflect" else f"{name}-{prompt}"
+        model_dir = os.path.join(run_dir, folder)
         _check_run(model_dir, {"model": path, "prompt": prompt, "max_new_tokens": max_new_tokens,
                                "judge": args.judge_model if extract else None})
         out_path = os.path.join(model_dir, "items.jsonl")
@@ -975,7 +976,7 @@ def main(args):
         generate = make_generator(path, args, max_new_tokens, prompt) if pending(items, out_path) else None
         rows = evaluate(items, generate, out_path, benchmark=args.benchmark, batch_size=args.batch_size,
                         extract=extract)
-        summary = {**summarize(rows, args.benchmark), "model": path, "split": split, "prompt": prompt,
+        summary = {**summarize(rows, args.benchmark), "model": path, "folder": folder, "split": split, "prompt": prompt,
                    "max_new_tokens": max_new_tokens, "args": asdict(args)}  # the key's variable name, not the key
         markdown = summary_markdown(summary, f"{run_name} · {name}")
         Path(model_dir, "summary.json").write_text(json.dumps(summary, indent=2))

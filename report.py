@@ -58,20 +58,20 @@ th{background:#eee}td:first-child,th:first-child{text-align:left}
 pre{white-space:pre-wrap;background:#f6f6f6;padding:.5em;margin:.3em 0}.small{font-size:85%;color:#555}"""
 
 
-def png_data_uri(image_or_path):
-    """A PIL image or a PNG file as a data: URI (so the page needs no other file)."""
-    if isinstance(image_or_path, str):
-        with open(image_or_path, "rb") as f:
-            data = f.read()
-    else:
+def png_data_uri(png):
+    """A PIL image, a PNG file's path or PNG bytes as a data: URI (so the page needs no other file)."""
+    if isinstance(png, str):
+        with open(png, "rb") as f:
+            png = f.read()
+    elif not isinstance(png, bytes):
         buf = io.BytesIO()
-        image_or_path.save(buf, format="PNG")
-        data = buf.getvalue()
-    return "data:image/png;base64," + base64.b64encode(data).decode()
+        png.save(buf, format="PNG")
+        png = buf.getvalue()
+    return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
 def curves_png(runs):
-    """One figure, a panel per metric, a line per RL run. runs: {name: metric rows}. Returns a PIL-free PNG URI."""
+    """One figure, a panel per metric, a line per RL run. runs: {name: metric rows}. Returns the PNG's bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -90,7 +90,7 @@ def curves_png(runs):
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return buf.getvalue()
 
 
 def pct(x):
@@ -149,11 +149,11 @@ def write_report(args: Args):
             if rows and "reward" in rows[0]:  # 03's metrics (02's have a loss, not a reward)
                 runs[name] = rows
     if runs:
-        body += ["<h2>RL curves</h2>", f"<img id=\"curves\" alt=\"RL curves\" src=\"{curves_png(runs)}\">",
+        body += ["<h2>RL curves</h2>", f"<img id=\"curves\" alt=\"RL curves\" src=\"{png_data_uri(curves_png(runs))}\">",
                  f"<p class=\"small\">runs: {', '.join(html.escape(n) for n in runs)} (each step: every sampled response "
                  "of the step's prompts, at temperature 1)</p>"]
-    model_dir = os.path.join(bench_dir, model_folder(args.model, comparison.get(args.model, {})))
-    items = [r for r in common.read_jsonl(os.path.join(model_dir, "items.jsonl")) if not r.get("error")]
+    model_dir = os.path.join(bench_dir, comparison[args.model]["folder"]) if args.model in comparison else ""
+    items = [r for r in common.read_jsonl(os.path.join(model_dir, "items.jsonl")) if not r.get("error")] if model_dir else []
     if items:
         count_tokens = None
         with open(os.path.join(model_dir, "run.json")) as f:
@@ -175,11 +175,6 @@ def write_report(args: Args):
     return path
 
 
-def model_folder(name, entry):
-    """04_eval.py's folder of a model in a comparison: its name, with '-<prompt>' unless the prompt is 'reflect'."""
-    return name if entry.get("prompt", "reflect") == "reflect" else f"{name}-{entry['prompt']}"
-
-
 def seeds_table(args: Args):
     """Final accuracy of every model on each seed's test set, the paired differences with 95% intervals
     per seed, and pooled over all seeds' problems (each seed draws different ones). Returns the Markdown."""
@@ -189,7 +184,7 @@ def seeds_table(args: Args):
         bench = os.path.join(d, args.benchmark)
         with open(os.path.join(bench, "comparison.json")) as f:
             comparisons.append(json.load(f))
-        items.append({m: common.read_jsonl(os.path.join(bench, model_folder(m, c), "items.jsonl"))
+        items.append({m: common.read_jsonl(os.path.join(bench, c["folder"], "items.jsonl"))
                       for m, c in comparisons[-1].items()})
     models = list(comparisons[0])
     pairs = [tuple(p.split("-", 1)) for p in args.pairs.split(",") if p]
