@@ -10,7 +10,8 @@ Two-step task (`--data toy`, the default): the base model learns three things, i
     ("What is blue x 7 + 3?" -> "<think> blue: 5. 5 x 7 + 3 = 38.</think>"), often wrong;
   * the check procedure as its own task, asked with toy.STEP_CUE ("... Check it step by step.")
     -> "<think> blue: 5. 5 x 7 = 35. 35 + 3 = 38.</think>", the skill a reflection can use;
-  * the check's sub-skills, single operations in text ("What is 35 + 3?").
+  * the check's sub-skills, single operations in text ("What is 5 x 7?"; only multiplications, a
+    known flaw, see toy.single_step_problem).
   The run is stopped while the one-step answers are still often wrong; the gate (G1-G4, printed and
   written to eval.json) measures, on this model alone, whether a step-by-step second look can beat
   its first: G1 first answers right; G2 wrong first answers that read n right; G3 the check asked as

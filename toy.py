@@ -113,12 +113,17 @@ def _expression(op, x, m, c):
     return f"{x} x {m} + {c}" if op == "times_plus" else f"( {x} + {c} ) x {m}"
 
 
-def _two_step_problem(seed):
-    rng = random.Random(seed)
+def _two_step_values(rng):
+    """A two-step problem's (family, colour, n, m, c), the first draws of its seed's generator."""
     family = FAMILIES[rng.randrange(len(FAMILIES))]
     colour = rng.choice(list(COLOURS))
     n = rng.randint(1, MAX_DOTS)
-    m, c = rng.randint(2, MAX_MULTIPLIER[family]), rng.randint(1, MAX_ADDEND)
+    return family, colour, n, rng.randint(2, MAX_MULTIPLIER[family]), rng.randint(1, MAX_ADDEND)
+
+
+def _two_step_problem(seed):
+    rng = random.Random(seed)
+    family, colour, n, m, c = _two_step_values(rng)
     image = _draw_count(rng, colour, n)
     result = check_steps(family, n, m, c)[-1][-1]
     solution = json.dumps({"reads": [[colour, n]], "op": family, "m": m, "c": c, "result": result})
@@ -127,12 +132,16 @@ def _two_step_problem(seed):
 
 
 def single_step_problem(seed):
-    """A text-only single operation, one of the check's sub-skills ("What is 35 + 3?"), as (question,
-    target): the base model learns these as the paper's base model knows its arithmetic (00 only)."""
-    rng = random.Random(seed)
-    p = _two_step_problem(seed)
-    sol = json.loads(p["solution"])
-    x, sign, y, z = check_steps(sol["op"], sol["reads"][0][1], sol["m"], sol["c"])[rng.randrange(2)]
+    """A text-only single operation, one of the check's sub-skills, as (question, target), without
+    drawing an image: the base model learns these as the paper's base model knows its arithmetic (00 only).
+
+    Which of the two steps is asked is the first draw of Random(seed), the same draw that picks the
+    family, so times_plus always gives its n x m step and plus_times its (n + c) x m step: these are
+    all multiplications ("What is 5 x 7?"); the additions are learned only inside the check. A known
+    flaw of the shipped base model's data (README, "the gate"); kept so that `make base` rebuilds it.
+    """
+    family, _, n, m, c = _two_step_values(random.Random(seed))
+    x, sign, y, z = check_steps(family, n, m, c)[random.Random(seed).randrange(2)]
     return f"What is {x} {sign} {y}?", f"<think> {x} {sign} {y} = {z}.</think>\n<answer>{z}</answer>"
 
 
