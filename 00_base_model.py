@@ -24,7 +24,7 @@ Dots task (`--data toy-dots`, the contrast): plain chain of thought on the dot c
     python 00_base_model.py --data toy-dots      # -> runs/toy-dots/base, ~3.5 minutes
 
 Writes the model, tokenizer and processor (safetensors + configs, loadable with
-`common.load_policy`), `train_log.jsonl` and `eval.json` (accuracy per problem family; the gate).
+`policy.load_policy`), `train_log.jsonl` and `eval.json` (accuracy per problem family; the gate).
 """
 
 import json
@@ -37,9 +37,13 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+import cli
 import common
-import rewards
+import dataset
+import policy
+import grading
 import toy
+import training
 
 
 @dataclass
@@ -87,7 +91,7 @@ def dots_batches(args, processor, system):
     g = torch.Generator().manual_seed(args.seed)
     while True:
         rows = train.select(torch.randint(len(train), (args.batch_size,), generator=g).tolist())
-        yield common.encode_sft(processor, rows["question"], rows["image"], [toy.cot_response(r) for r in rows], system)
+        yield dataset.encode_sft(processor, rows["question"], rows["image"], [toy.cot_response(r) for r in rows], system)
 
 
 def two_step_batches(args, processor, system):
@@ -107,7 +111,7 @@ def two_step_batches(args, processor, system):
                 question = p["question"] + (toy.STEP_CUE if check else "")
                 image, target = p["image"], toy.cot_response(p, stepwise=check)
             questions.append(question), images.append(image), targets.append(target)
-        yield common.encode_sft(processor, questions, images, targets, system)
+        yield dataset.encode_sft(processor, questions, images, targets, system)
 
 
 _READ = re.compile(r"\b(red|green|blue): (\d+)\.")
@@ -123,7 +127,7 @@ def gate(model, processor, n, max_new_tokens=48):
     first wrong) and break = P(check wrong | first right) measured on the same problems.
     """
     test = toy.toy_dataset("test", n, task="toy")
-    system = common.SYSTEM_PROMPTS["plain"]
+    system = dataset.SYSTEM_PROMPTS["plain"]
     first = common.generate_responses(model, processor, test["question"], test["image"], system_prompt=system,
                                       max_new_tokens=max_new_tokens, batch_size=100, desc="gate: first attempts")
     check = common.generate_responses(model, processor, [q + toy.STEP_CUE for q in test["question"]], test["image"],
@@ -133,9 +137,9 @@ def gate(model, processor, n, max_new_tokens=48):
     for p, a, b in zip(test, first, check):
         truth = json.loads(p["solution"])["reads"][0][1]
         reads = _READ.findall(a)
-        rows.append({"family": p["family"], "first": rewards.is_correct(rewards.first_answer(a), p["answer"]),
+        rows.append({"family": p["family"], "first": grading.is_correct(grading.first_answer(a), p["answer"]),
                      "read": bool(reads) and int(reads[0][1]) == truth,
-                     "check": rewards.is_correct(rewards.first_answer(b), p["answer"])})
+                     "check": grading.is_correct(grading.first_answer(b), p["answer"])})
 
     def share(rs, key, when=lambda r: True):
         sel = [r for r in rs if when(r)]
@@ -158,22 +162,22 @@ def main(args: Args):
     steps = args.steps or DEFAULT_STEPS[task]
     out_dir = args.out_dir or DEFAULT_OUT[task]
     eval_size = args.eval_size or DEFAULT_EVAL[task]
-    common.seed_everything(args.seed)
+    cli.seed_everything(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
-    tokenizer = toy.build_tokenizer(extra_texts=list(common.SYSTEM_PROMPTS.values()), task=task)
+    tokenizer = toy.build_tokenizer(extra_texts=list(dataset.SYSTEM_PROMPTS.values()), task=task)
     processor = toy.ToyProcessor.build(tokenizer, task)
     model = toy.build_tiny_model(tokenizer, hidden=args.hidden, layers=args.layers, seed=args.seed)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"tiny Qwen2.5-VL: {n_params / 1e6:.2f}M parameters "
           f"({sum(p.numel() for p in model.model.visual.parameters()) / 1e6:.2f}M vision), vocab {len(tokenizer)}")
 
-    system = common.SYSTEM_PROMPTS["plain"]
+    system = dataset.SYSTEM_PROMPTS["plain"]
     batches = (two_step_batches if task == "toy" else dots_batches)(args, processor, system)
     # The vision tower is trained here (it starts from random weights); later stages freeze it.
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    sched = common.cosine_schedule(opt, max(1, steps // 20), steps, min_ratio=0.1)
+    sched = training.cosine_schedule(opt, max(1, steps // 20), steps, min_ratio=0.1)
     os.makedirs(out_dir, exist_ok=True)
     log_path = os.path.join(out_dir, "train_log.jsonl")
     if os.path.exists(log_path):
@@ -187,11 +191,11 @@ def main(args: Args):
         sched.step()
         opt.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.3f}")
-        common.append_jsonl(log_path, {"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0]})
+        dataset.append_jsonl(log_path, {"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0]})
     train_s = time.time() - t0
 
-    common.save_model(model, processor, out_dir)
-    ev, _ = common.evaluate_toy(model, processor, n=eval_size, style="plain")
+    policy.save_model(model, processor, out_dir)
+    ev, _ = toy.evaluate_toy(model, processor, n=eval_size, style="plain")
     acc = {**ev["per_family"], "all": ev["final_correct"]}
     result = {"task": task, "accuracy": acc, "parameters": n_params, "build_seconds": round(train_s, 1),
               "seed": args.seed, "steps": steps}
@@ -208,4 +212,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(common.parse_args(Args))
+    cli.run(main, Args)

@@ -1,10 +1,10 @@
-"""Stage 1a of SRPO (arXiv 2506.01713; PAPER.md, "Stage 1a"): build the reflection SFT data.
+"""Stage 1a of SRPO (arXiv 2506.01713, Sec. 3.1): build the reflection SFT data.
 
 The policy answers a pool of visual problems with chain of thought, each answer is graded, N
 problems are kept with ~30% right and ~70% wrong first answers, and a stronger teacher writes a
 reflection on each. One SFT sample (paper's layout; no second <think>):
 
-    system:    common.SYSTEM_PROMPTS["reflect"]
+    system:    dataset.SYSTEM_PROMPTS["reflect"]
     user:      image + question
     assistant: <think>{policy CoT}</think>\\n<answer>{policy answer}</answer>\\n
                <reflection>{teacher reflection}</reflection>\\n<answer>{gold}</answer>     (one string)
@@ -53,7 +53,6 @@ Rows load with datasets.load_dataset("json", data_files=...) and read images rel
 """
 
 import base64
-import http.client
 import json
 import os
 import random
@@ -61,8 +60,6 @@ import re
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
@@ -70,13 +67,17 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+import cli
 import common
-import rewards
+import dataset
+import grading
+import llm_client
+import policy
 import toy
 
 
 @dataclass
-class Args(common.DataArgs):
+class Args(dataset.DataArgs):
     """Stage 1a: policy answers -> 30/70 right/wrong selection -> teacher reflections -> SFT JSONL."""
 
     model: str = "models/toy_base"
@@ -192,15 +193,15 @@ def scrub(text) -> str:
 
 def screen_pool(ds, args):
     """The paper keeps only problems whose gold answer is a letter or a number (Stage 1a, step 1)."""
-    return common.screen_problems(
+    return dataset.screen_problems(
         ds, args, gold_problem=lambda gold: None if GOLD_RE.fullmatch(gold) else "gold is not a letter or a number")
 
 
 def open_image(value, base_dir):
     """A pool row's image; a row without one cannot be used here (the teacher and SFT rows need it)."""
-    image = common.open_image(value, base_dir)
+    image = dataset.open_image(value, base_dir)
     if image is None:
-        raise common.ImageError("missing image", "no image in the row")
+        raise dataset.ImageError("missing image", "no image in the row")
     return image
 
 
@@ -214,41 +215,41 @@ def answer_pool(args, ds, base_dir, problems, answers_path, skipped_path):
     The pool is cut into fixed batches, each sampled with its own seed, so a resumed run produces
     exactly what an uninterrupted one would.
     """
-    done = {r["id"] for r in common.read_jsonl(answers_path)} | {r["id"] for r in common.read_jsonl(skipped_path)}
+    done = {r["id"] for r in dataset.read_jsonl(answers_path)} | {r["id"] for r in dataset.read_jsonl(skipped_path)}
     chunks = [problems[i:i + args.batch_size] for i in range(0, len(problems), args.batch_size)]
     todo = [(k, c) for k, c in enumerate(chunks) if any(p["id"] not in done for p in c)]
     if not todo:
         return
-    base, adapter = common.resolve_model(args.model)
-    model, processor = common.load_policy(base, adapter_path=adapter)
+    base, adapter = policy.resolve_model(args.model)
+    model, processor = policy.load_policy(base, adapter_path=adapter)
     model.eval()
     images = ds.select_columns([args.image_column])
-    system = common.SYSTEM_PROMPTS["plain"]  # the policy answers in plain <think><answer> form
+    system = dataset.SYSTEM_PROMPTS["plain"]  # the policy answers in plain <think><answer> form
     for k, chunk in tqdm(todo, desc="policy answers", unit="batch"):
         batch, pils = [], []
         for p in chunk:
             try:
                 pils.append(open_image(images[p["row"]][args.image_column], base_dir))
                 batch.append(p)
-            except common.ImageError as e:
+            except dataset.ImageError as e:
                 if p["id"] not in done:
                     reason, detail = e.reason, str(e)
                     tqdm.write(f"skipping row {p['id']}: {reason} ({detail})")
-                    common.append_jsonl(skipped_path, {"id": p["id"], "row": p["row"], "reason": reason,
+                    dataset.append_jsonl(skipped_path, {"id": p["id"], "row": p["row"], "reason": reason,
                                                        "detail": detail})
         if not batch:
             continue
         torch.manual_seed(args.seed * 1_000_003 + k)  # per-batch seed: resume == uninterrupted
-        inputs = common.encode_prompts(processor, [p["question"] for p in batch], pils, system)
+        inputs = dataset.encode_prompts(processor, [p["question"] for p in batch], pils, system)
         _, _, texts = common.generate(model, processor, inputs, max_new_tokens=args.max_new_tokens,
                                       temperature=args.temperature)
         for p, text in zip(batch, texts):
             if p["id"] in done:
                 continue  # a batch cut short by a kill is redone whole, but written once
-            pred = rewards.first_answer(text)
-            common.append_jsonl(answers_path, {
+            pred = grading.first_answer(text)
+            dataset.append_jsonl(answers_path, {
                 **p, "response": text, "first_answer": pred,
-                "correct": rewards.is_correct(pred, p["answer"], p["choices"] or None),
+                "correct": grading.is_correct(pred, p["answer"], p["choices"] or None),
                 # The SFT target keeps the policy's own <think>/<answer>, so only answers in exactly
                 # that form can be selected; the others are counted as malformed, not rebuilt.
                 "well_formed": is_well_formed(text)})
@@ -256,7 +257,7 @@ def answer_pool(args, ds, base_dir, problems, answers_path, skipped_path):
 
 def is_well_formed(text) -> bool:
     """Exactly `<think>non-empty</think> <answer>non-empty</answer>`, the form the SFT target keeps."""
-    p = rewards.parse_response(text)
+    p = grading.parse_response(text)
     return p["layout"] == ("think", "answer") and bool(p["think1"]) and bool(p["answer1"])
 
 
@@ -310,7 +311,7 @@ def parse_reflection(text):
     except json.JSONDecodeError:
         return None
     r = obj.get("reflection") if isinstance(obj, dict) else None
-    if not isinstance(r, str) or not r.strip() or any(t in r for t in common.TAGS):
+    if not isinstance(r, str) or not r.strip() or any(t in r for t in dataset.TAGS):
         return None  # a tag inside the reflection would break the SFT target's layout
     return r.strip()
 
@@ -327,56 +328,37 @@ def oracle_teacher(items, args):
         yield item, toy.oracle_reflection(item, item["think"], item["correct"]), None
 
 
-def chat_completion(messages, args, key) -> str:
-    """One chat-completions request, retried with exponential back-off and jitter on timeouts,
-    connection errors, 429 and 5xx. Returns the reply text; raises TeacherError (key scrubbed)."""
-    url = args.base_url.rstrip("/") + "/chat/completions"
-    body = {"model": args.teacher_model, "messages": messages}
-    if args.json_mode:
-        body["response_format"] = {"type": "json_object"}
-    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
-    error = ""
-    for attempt in range(args.max_retries + 1):
-        if _STOP.is_set():
-            raise TeacherError("interrupted")
-        wait = args.backoff_s * 2 ** attempt * random.uniform(0.5, 1.5)
-        try:
-            req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
-            with urllib.request.urlopen(req, timeout=args.timeout_s) as resp:
-                payload = json.loads(resp.read().decode())
-            return payload["choices"][0]["message"]["content"] or ""
-        except urllib.error.HTTPError as e:
-            detail = scrub(e.read()[:300].decode(errors="replace"))
-            if e.code in (401, 403, 404):  # bad key, no access, wrong model name: no point going on
-                raise RuntimeError(scrub(f"teacher endpoint {url} answered HTTP {e.code}: {detail}")) from None
-            if e.code != 429 and e.code < 500:
-                raise TeacherError(scrub(f"HTTP {e.code}: {detail}")) from None
-            error = f"HTTP {e.code}: {detail}"
-            if (e.headers.get("Retry-After") or "").isdigit():
-                wait = float(e.headers["Retry-After"])
-        except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as e:
-            error = f"{type(e).__name__}: {e}"
-        except (json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
-            raise TeacherError(scrub(f"unexpected response from {url} ({type(e).__name__}: {e})")) from None
-        if attempt < args.max_retries:
-            _STOP.wait(wait)  # a back-off sleep that Ctrl-C cuts short
-    raise TeacherError(scrub(f"gave up after {args.max_retries + 1} attempts, last: {error}"))
+def teacher_client(args, key) -> llm_client.ChatClient:
+    """The teacher endpoint, with the run's timeout and retry settings; _STOP (Ctrl-C) ends its waits."""
+    return llm_client.ChatClient(args.base_url, args.teacher_model, key, timeout_s=args.timeout_s,
+                                 max_retries=args.max_retries, backoff_s=args.backoff_s, stop=_STOP)
 
 
-def openai_reflect(item, args, key) -> str:
-    """Ask for one reflection (image inline as a data URL); re-ask up to max_json_retries times on bad JSON."""
+def openai_reflect(item, args, key, client=None) -> str:
+    """Ask for one reflection (image inline as a data URL); re-ask up to max_json_retries times on bad JSON.
+
+    `client`: a teacher_client(args, key) to share (openai_teacher passes one, so the requests of all
+    items reuse connections); a fresh one otherwise. HTTP 401/403/404 raise llm_client.EndpointRefused
+    (a RuntimeError that stops the run); every other failure is this item's TeacherError.
+    """
+    client = client or teacher_client(args, key)
+    params = {"response_format": {"type": "json_object"}} if args.json_mode else {}
     with open(item["image_path"], "rb") as f:
         data_url = "data:image/png;base64," + base64.b64encode(f.read()).decode()
     messages = [{"role": "system", "content": TEACHER_SYSTEM},
                 {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url}},
                                              {"type": "text", "text": teacher_prompt(item)}]}]
     for _ in range(args.max_json_retries + 1):
-        reply = chat_completion(messages, args, key)
+        try:
+            reply = client.complete(messages, **params)
+        except llm_client.RequestFailed as e:
+            raise TeacherError(scrub(e)) from None
         reflection = parse_reflection(reply)
         if reflection:
             return reflection
         messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": REASK}]
-    raise TeacherError(scrub(f"no valid JSON after {args.max_json_retries + 1} asks, last reply: {reply[:200]!r}"))
+    raise TeacherError(scrub(f"no valid JSON after {args.max_json_retries + 1} asks, "
+                             f"last reply: {reply[:200]!r}"))
 
 
 def openai_teacher(items, args):
@@ -386,9 +368,10 @@ def openai_teacher(items, args):
     else:
         tqdm.write(f"note: ${args.api_key_env} is not set; sending requests without an API key")
     _STOP.clear()
+    client = teacher_client(args, key)
     pool = ThreadPoolExecutor(max_workers=args.concurrency)
     try:
-        futures = {pool.submit(openai_reflect, item, args, key): item for item in items}
+        futures = {pool.submit(openai_reflect, item, args, key, client): item for item in items}
         for fut in as_completed(futures):
             try:
                 yield futures[fut], fut.result(), None
@@ -401,8 +384,8 @@ def openai_teacher(items, args):
 
 def hf_teacher(items, args):
     """A local vision-language model as the teacher: greedy first, then sampled re-asks on bad JSON."""
-    base, adapter = common.resolve_model(args.teacher_model)
-    model, processor = common.load_policy(base, adapter_path=adapter)
+    base, adapter = policy.resolve_model(args.teacher_model)
+    model, processor = policy.load_policy(base, adapter_path=adapter)
     model.eval()
     for i in range(0, len(items), args.batch_size):
         chunk = items[i:i + args.batch_size]
@@ -410,7 +393,7 @@ def hf_teacher(items, args):
         pils = [open_image(it["image_path"], ".") for it in chunk]
         found, last, pending = {}, {}, list(range(len(chunk)))
         for ask in range(args.max_json_retries + 1):
-            inputs = common.encode_prompts(processor, [prompts[j] for j in pending], [pils[j] for j in pending],
+            inputs = dataset.encode_prompts(processor, [prompts[j] for j in pending], [pils[j] for j in pending],
                                            TEACHER_SYSTEM)
             _, _, texts = common.generate(model, processor, inputs, max_new_tokens=args.teacher_max_new_tokens,
                                           temperature=0.0 if ask == 0 else 0.7)
@@ -465,20 +448,20 @@ def main(args: Args):
     # 1. Problems: drop rows with no question or a gold that is not a letter or a number.
     if not args.image_column:
         raise ValueError("01 needs --image_column: the teacher and the SFT rows work on the problem's image")
-    ds, base_dir = common.load_problems(args, args.pool_size, args.seed)
+    ds, base_dir = dataset.load_problems(args, args.pool_size, args.seed)
     if args.teacher == "oracle" and "solution" not in ds.column_names:
         raise ValueError("--teacher oracle only works on toy problems (it reads their `solution` column); "
                          "use --teacher openai or --teacher hf")
     problems, skipped = screen_pool(ds, args)
-    known = {r["id"] for r in common.read_jsonl(paths["skipped"])}
+    known = {r["id"] for r in dataset.read_jsonl(paths["skipped"])}
     for s in skipped:
         if s["id"] not in known:
-            common.append_jsonl(paths["skipped"], s)
+            dataset.append_jsonl(paths["skipped"], s)
 
     # 2. The policy answers the pool (phase a; resumable).
     answer_pool(args, ds, base_dir, problems, paths["answers"], paths["skipped"])
-    answers = common.read_jsonl(paths["answers"])
-    skipped = common.read_jsonl(paths["skipped"])
+    answers = dataset.read_jsonl(paths["answers"])
+    skipped = dataset.read_jsonl(paths["skipped"])
     for reason, n in Counter(s["reason"] for s in skipped).items():
         ids = [s["id"] for s in skipped if s["reason"] == reason]
         print(f"skipped {n} row(s), {reason}: {', '.join(ids[:5])}{' ...' if n > 5 else ''}")
@@ -489,7 +472,7 @@ def main(args: Args):
         print(f"WARNING: {note}")
 
     # 4. The teacher writes a reflection for each selected problem not yet done (phase b; resumable).
-    done = {r["id"] for r in common.read_jsonl(paths["sft_reflect"])}
+    done = {r["id"] for r in dataset.read_jsonl(paths["sft_reflect"])}
     chosen = {a["id"] for a in selected}
     if done - chosen:
         print(f"WARNING: {len(done - chosen)} rows in {paths['sft_reflect']} are from another selection "
@@ -497,14 +480,14 @@ def main(args: Args):
     items = []
     for a in selected:
         if a["id"] not in done:
-            p = rewards.parse_response(a["response"])
+            p = grading.parse_response(a["response"])
             items.append({**a, "think": p["think1"], "first": p["answer1"],
                           "image_path": os.path.join(out, "images", f"{a['id']}.png")})
             save_image(ds, args, base_dir, a["row"], items[-1]["image_path"])
     with tqdm(total=len(items), desc=f"teacher ({args.teacher})") as bar:
         for item, reflection, error in TEACHERS[args.teacher](items, args):
             if reflection:
-                common.append_jsonl(paths["sft_reflect"], sft_row(item, reflect_target(item, reflection), "reflect",
+                dataset.append_jsonl(paths["sft_reflect"], sft_row(item, reflect_target(item, reflection), "reflect",
                                                                   item["correct"]))
             else:
                 bar.write(scrub(f"teacher failed on {item['id']}: {error}"))
@@ -527,7 +510,7 @@ def main(args: Args):
                 cot.append(sft_row(a, a["response"].strip(), "plain", True))  # verbatim, as above
         write_jsonl_atomic(paths["sft_cot"], cot)
 
-    written = {r["id"] for r in common.read_jsonl(paths["sft_reflect"])} & chosen
+    written = {r["id"] for r in dataset.read_jsonl(paths["sft_reflect"])} & chosen
     n_right = sum(a["correct"] for a in answers)
     stats = {
         "pool": len(ds), "skipped": len(skipped), "answered": len(answers), "correct": n_right,
@@ -551,6 +534,6 @@ def main(args: Args):
 
 if __name__ == "__main__":
     try:
-        main(common.parse_args(Args))
+        main(cli.parse_args(Args))
     except KeyboardInterrupt:  # everything finished so far is on disk
         sys.exit("interrupted: rerun the same command to resume")

@@ -1,4 +1,4 @@
-"""Stage 1b: reflection SFT (PAPER.md "Stage 1b"; SRPO paper Sec. 3.1, Eq. 1).
+"""Stage 1b: reflection SFT (SRPO, arXiv 2506.01713, Sec. 3.1, Eq. 1).
 
 Before RL, the policy learns the reflective format and habit by plain supervised fine-tuning on
 the reflection set that 01_reflect_data.py wrote. Each row is one conversation: the reflective
@@ -7,7 +7,7 @@ system prompt, the user turn (image + question) and the assistant target
     <think>{policy CoT}</think>\\n<answer>{policy answer}</answer>\\n<reflection>{teacher reflection}</reflection>\\n<answer>{gold}</answer>
 
 The loss is next-token cross-entropy on the assistant target only (Eq. 1): system, user, image and
-padding tokens are masked out (`common.encode_sft`). Like the authors: the vision tower and the
+padding tokens are masked out (`dataset.encode_sft`). Like the authors: the vision tower and the
 projector stay frozen, AdamW with a cosine schedule and 10% warm-up, gradient clipping 1.0,
 gradient accumulation, 3 epochs (the released config; the paper's text says 1: `--epochs 1`).
 
@@ -27,7 +27,7 @@ Toy (2 CPU cores: ~80 s, of which ~50 s training and ~20 s the before/after chec
                                                        # the scratchpad baseline (the check as first attempt)
     python 02_sft.py --lora_r 8 --lr 5e-3 --out_dir runs/toy/sft_lora    # LoRA (peft)
     python 02_sft.py --load_in_4bit --lr 5e-3 --out_dir runs/toy/sft_qlora  # QLoRA: nf4 base + LoRA
-    python 02_sft.py --resume                          # continue from runs/toy/sft/checkpoint
+    python 02_sft.py --resume                          # continue an interrupted run from runs/toy/sft/checkpoint
     accelerate launch --multi_gpu --num_processes 2 02_sft.py --cpu   # 2 CPU processes (gloo)
     (accelerate's own `--cpu` starts ONE process unless given an MPI hostfile; the script's
     --cpu is what selects gloo, so `torchrun --nproc_per_node 2 02_sft.py --cpu` works too.)
@@ -62,7 +62,6 @@ response more than one of a long response and would change with the process coun
 
 import hashlib
 import json
-import math
 import os
 import time
 from collections import Counter
@@ -72,12 +71,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-import common
+import cli
+import dataset
+import policy
+import toy
+import training
 
 
 @dataclass
-class Args:
-    """Reflection SFT (Stage 1b): next-token loss on the assistant target of the reflection set."""
+class Args(training.TrainArgs):
+    """Reflection SFT (Stage 1b): next-token loss on the assistant target of the reflection set. Resume an
+    interrupted run: rerun the same command with --resume (from out_dir/checkpoint, every --save_every steps)."""
 
     data: str = "runs/toy/reflect/sft_reflect.jsonl"
     """SFT JSONL from 01 (sft_reflect.jsonl; sft_cot.jsonl for the plain-CoT ablation)"""
@@ -89,7 +93,7 @@ class Args:
     """random seed (data order, LoRA init, dropout)"""
     epochs: int = 3
     """passes over the data (the authors' released config: 3; the paper's text: 1). On the toy, 1 epoch
-    leaves the reflection format half-learned (README, results)"""
+    leaves the reflection format half-learned (RESULTS.md)"""
     max_steps: int = 0
     """optimizer steps; 0 = epochs x steps per epoch. Sets the schedule's length"""
     batch_size: int = 16
@@ -101,40 +105,14 @@ class Args:
     """peak AdamW learning rate (paper, 7B full fine-tuning: 1e-5; the ~1M-parameter toy needs ~1e-3)"""
     warmup_ratio: float = 0.1
     """share of the steps spent on linear warm-up before the cosine decay (paper: 0.1)"""
-    min_lr_ratio: float = 0.0
-    """the cosine decays to this fraction of lr"""
     weight_decay: float = 0.0
     """AdamW weight decay (LLaMA-Factory's default: 0)"""
-    max_grad_norm: float = 1.0
-    """gradient clipping by global norm"""
     max_len: int = 4096
     """cut-off in tokens; longer sequences lose the end of their target (paper: 4096)"""
     max_pixels: int = 262144
     """images with more pixels are downscaled first, keeping the aspect ratio (paper: 262,144)"""
-    lora_r: int = 0
-    """LoRA rank on the language model's linear layers; 0 = full fine-tuning (16 with --load_in_4bit)"""
-    lora_alpha: int = 0
-    """LoRA alpha; 0 = 2 x lora_r"""
-    load_in_4bit: bool = False
-    """QLoRA: frozen nf4 base weights (bitsandbytes), bf16 compute on GPU; implies LoRA (r 16 unless set)"""
-    save_dtype: str = "auto"
-    """dtype of the saved full model: 'auto' = bf16 after bf16-autocast training on a GPU (fp32 masters
-    were for the updates), else as trained; 'float32', 'bfloat16' or 'float16'. LoRA adapters and
-    ZeRO/FSDP runs save what they train"""
     merge_lora: bool = False
     """LoRA: also save a merged full model under out_dir/merged"""
-    freeze_vision: bool = True
-    """keep the vision tower and projector frozen (paper)"""
-    gradient_checkpointing: bool = False
-    """recompute activations in the backward pass: less memory, ~30% slower"""
-    cpu: bool = False
-    """train on the CPU even if a GPU is present (with several processes: gloo)"""
-    save_every: int = 50
-    """write out_dir/checkpoint every this many optimizer steps; 0 = never"""
-    resume: bool = False
-    """continue from out_dir/checkpoint if it exists"""
-    stop_at_step: int = 0
-    """stop after this optimizer step as if killed, saving nothing (tests --resume); 0 = off"""
     eval_size: int = 200
     """toy test problems answered greedily before and after training, in the data's prompt style
     (and by the starting model in plain CoT too); 0 = skip. Only for toy models"""
@@ -162,16 +140,16 @@ def load_sft_data(path):
     ds = datasets.load_dataset("json", data_files=path, split="train")
     missing = [f for f in REQUIRED_FIELDS if f not in ds.column_names]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; an SFT row needs {list(REQUIRED_FIELDS)}")
+        raise cli.UserError(f"{path}: missing column(s) {missing}; an SFT row needs {list(REQUIRED_FIELDS)}")
     root = os.path.dirname(os.path.abspath(path))
     for i, row in enumerate(ds.select_columns(list(REQUIRED_FIELDS))):
         where = f"{path}: row {i} (id {row['id']!r})"
         for field in ("id", "question", "response"):
             if not isinstance(row[field], str) or not row[field].strip():
-                raise ValueError(f"{where}: field {field!r} must be a non-empty string, got {row[field]!r}")
-        if row["prompt_style"] not in common.SYSTEM_PROMPTS:
-            raise ValueError(f"{where}: field 'prompt_style' is {row['prompt_style']!r}, "
-                             f"expected one of {list(common.SYSTEM_PROMPTS)}")
+                raise cli.UserError(f"{where}: field {field!r} must be a non-empty string, got {row[field]!r}")
+        if row["prompt_style"] not in dataset.SYSTEM_PROMPTS:
+            raise cli.UserError(f"{where}: field 'prompt_style' is {row['prompt_style']!r}, "
+                             f"expected one of {list(dataset.SYSTEM_PROMPTS)}")
         if row["image"] is not None and not os.path.isfile(os.path.join(root, row["image"])):
             raise FileNotFoundError(f"{where}: field 'image': {os.path.join(root, row['image'])} not found")
     return ds
@@ -189,9 +167,9 @@ def encode_rows(processor, rows, *, root, data_path="", max_pixels=0, max_len=0)
         groups.setdefault(row["prompt_style"], []).append(row)
     parts = []
     for style, group in groups.items():
-        images = [common.load_image(root, r["image"], max_pixels, f"{data_path}: row id {r['id']!r}") for r in group]
-        parts.append(common.encode_sft(processor, [r["question"] for r in group], images,
-                                       [r["response"] for r in group], common.SYSTEM_PROMPTS[style]))
+        images = [dataset.load_image(root, r["image"], max_pixels, f"{data_path}: row id {r['id']!r}") for r in group]
+        parts.append(dataset.encode_sft(processor, [r["question"] for r in group], images,
+                                       [r["response"] for r in group], dataset.SYSTEM_PROMPTS[style]))
     batch = parts[0] if len(parts) == 1 else concat_batches(parts, processor.tokenizer.pad_token_id)
     if max_len and batch["input_ids"].shape[1] > max_len:  # cut the end (the target's tail), never the image
         n_image = (batch["input_ids"] == processor.image_token_id).sum()
@@ -199,7 +177,7 @@ def encode_rows(processor, rows, *, root, data_path="", max_pixels=0, max_len=0)
         batch = {k: v[:, :max_len] if v.dim() == 2 and v.shape[1] == T and k not in ("pixel_values", "image_grid_thw")
                  else v for k, v in batch.items()}
         if (batch["input_ids"] == processor.image_token_id).sum() != n_image:
-            raise ValueError(f"{data_path}: a prompt is longer than --max_len {max_len} tokens with its image; "
+            raise cli.UserError(f"{data_path}: a prompt is longer than --max_len {max_len} tokens with its image; "
                              "raise --max_len or lower --max_pixels")
     return dict(batch)
 
@@ -246,13 +224,13 @@ def eval_line(name, r):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints and the final save: common.save_checkpoint / load_checkpoint / save_final
+# Checkpoints and the final save: training.save_checkpoint / load_checkpoint / save_final
 
 
 def trainable_digest(model):
     """sha256 of the trainable weights: processes of a data-parallel run must agree bit for bit."""
     h = hashlib.sha256()
-    for name, p in sorted(common.unwrap(model).named_parameters()):
+    for name, p in sorted(policy.unwrap(model).named_parameters()):
         if p.requires_grad:
             h.update(name.encode() + p.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
@@ -262,72 +240,63 @@ def trainable_digest(model):
 
 
 def main(args: Args):
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, gather_object, parse_flag_from_env
+    from accelerate.utils import gather_object
 
-    common.check_save_dtype(args.save_dtype)
-    on_gpu = torch.cuda.is_available() and not (args.cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))
-    bf16 = on_gpu and torch.cuda.is_bf16_supported()
-    accelerator = Accelerator(
-        cpu=not on_gpu, gradient_accumulation_steps=args.grad_accum,
-        mixed_precision="bf16" if bf16 else "fp16" if on_gpu else "no",  # bf16 on GPU, fp32 on CPU
-        # an unfrozen vision tower gets no gradient from text-only batches: let DDP allow that
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=not args.freeze_vision)])
+    training.check_train_args(args)
+    for flag in ("batch_size", "grad_accum", "epochs"):
+        if getattr(args, flag) < 1:
+            raise cli.UserError(f"--{flag} must be at least 1; got {getattr(args, flag)}")
+    ds = load_sft_data(args.data)  # a bad file fails here, before a model loads
+    accelerator = training.make_accelerator(args, grad_accum=args.grad_accum)
     if accelerator.gradient_accumulation_steps != args.grad_accum:  # e.g. set in an accelerate config
-        raise ValueError(f"accelerate is set to {accelerator.gradient_accumulation_steps} accumulation steps but "
-                         f"--grad_accum is {args.grad_accum}; set it with --grad_accum only")
-    sharded = common.is_sharded(accelerator)
+        raise cli.UserError(f"accelerate is set to {accelerator.gradient_accumulation_steps} accumulation steps "
+                            f"but --grad_accum is {args.grad_accum}; set it with --grad_accum only")
+    sharded = training.is_sharded(accelerator)
     world, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     log = accelerator.print
     if args.threads:
         torch.set_num_threads(args.threads)
-    common.seed_everything(args.seed)
+    cli.seed_everything(args.seed)
     if args.batch_size % (world * args.grad_accum):
-        raise ValueError(f"--batch_size {args.batch_size} must be a multiple of processes ({world}) x "
-                         f"--grad_accum ({args.grad_accum})")
+        raise cli.UserError(f"--batch_size {args.batch_size} must be a multiple of processes ({world}) x "
+                            f"--grad_accum ({args.grad_accum})")
     micro = args.batch_size // (world * args.grad_accum)
     t_start = time.time()
 
     # ---- data
-    ds = load_sft_data(args.data)
     root = os.path.dirname(os.path.abspath(args.data))
     steps_per_epoch = len(ds) // args.batch_size  # the last partial batch of each epoch is dropped
     if steps_per_epoch == 0:
-        raise ValueError(f"{args.data}: {len(ds)} rows is fewer than one batch of {args.batch_size}")
+        raise cli.UserError(f"{args.data}: {len(ds)} rows is fewer than one batch of {args.batch_size}")
     total_steps = args.max_steps or args.epochs * steps_per_epoch
     style = Counter(ds["prompt_style"]).most_common(1)[0][0]
     log(f"{args.data}: {len(ds)} rows ({dict(Counter(ds['prompt_style']))}), {steps_per_epoch} steps per epoch, "
         f"{total_steps} steps of {args.batch_size} = {world} process(es) x {args.grad_accum} x {micro}")
 
     # ---- model: full fine-tuning in fp32 master weights (bf16 autocast on GPU); frozen bases in bf16
-    base, adapter = common.resolve_model(args.model)
     lora_r = args.lora_r or (16 if args.load_in_4bit else 0)  # 4-bit weights train only via LoRA
-    dtype = common.training_dtype(accelerator, frozen_base=bool(lora_r))
-    model, processor = common.load_policy(
-        base, dtype=dtype, load_in_4bit=args.load_in_4bit, lora_r=lora_r, lora_alpha=args.lora_alpha or None,
-        freeze_vision=args.freeze_vision, gradient_checkpointing=args.gradient_checkpointing,
-        device=str(accelerator.device), adapter_path=adapter)
+    model, processor = training.load_trainable_policy(args, accelerator, lora_r)
+    dtype = training.training_dtype(accelerator, frozen_base=bool(lora_r))
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_train, n_all = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
     if not n_train:
-        raise ValueError(f"{args.model}: nothing to train (a LoRA adapter as --model needs --lora_r > 0)")
+        raise cli.UserError(f"{args.model}: nothing to train (a LoRA adapter as --model needs --lora_r > 0)")
     log(f"{args.model}: {n_train / 1e6:.2f}M of {n_all / 1e6:.2f}M parameters trainable "
         f"({'QLoRA nf4, ' if args.load_in_4bit else ''}{f'LoRA r={lora_r}' if lora_r else 'full fine-tuning'}"
         f", vision {'frozen' if args.freeze_vision else 'trained'}, {dtype} weights, "
         f"{accelerator.mixed_precision} autocast, {accelerator.distributed_type.value} x {world})")
 
     os.makedirs(args.out_dir, exist_ok=True)
-    do_eval = args.eval_size > 0 and common.is_toy_dir(base) and not sharded
+    do_eval = args.eval_size > 0 and policy.is_toy_dir(policy.resolve_model(args.model)[0]) and not sharded
     summary = {"args": asdict(args), "lora_r_used": lora_r, "rows": len(ds), "steps": total_steps, "trainable_parameters": n_train}
     ckpt_dir = os.path.join(args.out_dir, "checkpoint")
-    found = common.find_checkpoint(ckpt_dir) if args.resume else None
-    resuming = found is not None
-    if do_eval and is_main and not resuming:  # how the starting policy answers, for the before/after line
-        summary["before"], samples = common.evaluate_toy(model, processor, n=args.eval_size, style=style, desc="eval before",
+    found = training.find_resume(args)
+    if do_eval and is_main and not found:  # how the starting policy answers, for the before/after line
+        summary["before"], samples = toy.evaluate_toy(model, processor, n=args.eval_size, style=style, desc="eval before",
                                                   max_new_tokens=args.eval_max_new_tokens,
                                                   batch_size=args.eval_batch_size)
         if style != "plain":  # and in the plain CoT format it was trained on: its real skill
-            summary["before_plain"], _ = common.evaluate_toy(model, processor, n=args.eval_size, style="plain",
+            summary["before_plain"], _ = toy.evaluate_toy(model, processor, n=args.eval_size, style="plain",
                                                       desc="eval before (plain)",
                                                       max_new_tokens=args.eval_max_new_tokens,
                                                       batch_size=args.eval_batch_size)
@@ -336,39 +305,26 @@ def main(args: Args):
     accelerator.wait_for_everyone()
 
     # ---- optimizer, schedule, distribution
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = common.cosine_schedule(optimizer, math.ceil(args.warmup_ratio * total_steps), total_steps,
-                                       min_ratio=args.min_lr_ratio)
-    common.prepare_deepspeed(accelerator, micro, args.max_grad_norm)
+    optimizer, scheduler = training.make_optimizer(args, model, total_steps)
+    training.prepare_deepspeed(accelerator, micro, args.grad_clip)
     model, optimizer = accelerator.prepare(model, optimizer)
-    if sharded:
-        accelerator.register_for_checkpointing(scheduler)  # stepped by us once per optimizer step
 
     # ---- resume: weights, optimizer, scheduler, RNG and the data position
-    step, metrics_path = 0, os.path.join(args.out_dir, "metrics.jsonl")
-    if resuming:
-        step, extra = common.load_checkpoint(accelerator, found, model=model, optimizer=optimizer, scheduler=scheduler,
-                                      sharded=sharded)
+    metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
+    step, extra = training.start_or_resume(accelerator, args, found, scheduler=scheduler)
+    if found:
         if extra.get("steps_per_epoch") != steps_per_epoch or extra.get("total_steps") != total_steps:
-            raise ValueError(f"{found}: written with {extra.get('steps_per_epoch')} steps per epoch and "
-                             f"{extra.get('total_steps')} steps; now {steps_per_epoch} and {total_steps} "
-                             "(same --data, --batch_size, --epochs and --max_steps are needed to resume)")
+            raise cli.UserError(f"{found}: written with {extra.get('steps_per_epoch')} steps per epoch and "
+                                f"{extra.get('total_steps')} steps; now {steps_per_epoch} and {total_steps} "
+                                "(same --data, --batch_size, --epochs and --max_steps are needed to resume)")
         summary.update({k: extra[k] for k in ("before", "before_plain") if k in extra})
-        log(f"resumed from {found} at step {step} (epoch {extra['epoch']}, batch {extra['batch_in_epoch']})")
-        if is_main:  # drop metric rows past the checkpoint: those steps are redone
-            rows = [r for r in common.read_jsonl(metrics_path) if r["step"] <= step]
-            with open(metrics_path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
-    elif args.resume:
-        log(f"--resume: no checkpoint in {args.out_dir}, starting from scratch")
-    if not resuming and is_main:  # a fresh run replaces an earlier run's log and checkpoint
-        if os.path.exists(metrics_path):
-            os.remove(metrics_path)
-        common.remove_checkpoint(ckpt_dir)
+        log(f"(epoch {extra['epoch']}, batch {extra['batch_in_epoch']})")
+    training.start_trackers(accelerator, args, "srpo-sft")
 
     # ---- training loop: one iteration = one optimizer step over the effective batch
     model.train()
     order, order_epoch, t0 = None, None, time.time()
+    start = step
     bar = tqdm(range(step, total_steps), desc="SFT", disable=not is_main, initial=step, total=total_steps)
     for step in bar:
         epoch, pos = divmod(step, steps_per_epoch)
@@ -391,7 +347,7 @@ def main(args: Args):
                 # gradient is that of sum(CE) / n_tokens over the effective batch.
                 accelerator.backward(ce_sum * args.grad_accum * world / max(n_tokens, 1))
                 loss_sum += ce_sum.detach()
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
         lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -402,18 +358,18 @@ def main(args: Args):
         row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss,
                "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
                "tokens": n_tokens, "seconds": round(time.time() - t0, 2)}
+        accelerator.log(row, step=step)
         if is_main:
-            common.append_jsonl(metrics_path, row)
+            dataset.append_jsonl(metrics_path, row)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{row['lr']:.1e}")
-        if args.stop_at_step and step == args.stop_at_step and step < total_steps:
-            log(f"stopping at step {step} (--stop_at_step); continue with --resume")
+        if args.stop_after and step == start + args.stop_after and step < total_steps:
+            log(f"stopping at step {step} (--stop_after); continue with --resume")
             return {"stopped_at": step}
         if args.save_every and step % args.save_every == 0 and step < total_steps:
             extra = {"epoch": step // steps_per_epoch, "batch_in_epoch": step % steps_per_epoch,
                      "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "seed": args.seed,
                      "data": args.data, **{k: summary[k] for k in ("before", "before_plain") if k in summary}}
-            common.save_checkpoint(accelerator, ckpt_dir, model=model, optimizer=optimizer, scheduler=scheduler,
-                            step=step, extra=extra, sharded=sharded)
+            training.save_checkpoint(accelerator, ckpt_dir, scheduler=scheduler, step=step, extra=extra)
     bar.close()
     train_seconds = time.time() - t0
 
@@ -424,17 +380,17 @@ def main(args: Args):
         if len(set(digests)) > 1:
             raise RuntimeError(f"processes disagree on the trained weights: {digests}")
     if is_main and do_eval:  # before save_final, which may cast the weights: same dtype as the "before" check
-        summary["after"], samples = common.evaluate_toy(accelerator.unwrap_model(model), processor, n=args.eval_size,
+        summary["after"], samples = toy.evaluate_toy(accelerator.unwrap_model(model), processor, n=args.eval_size,
                                                  style=style, max_new_tokens=args.eval_max_new_tokens,
                                                  batch_size=args.eval_batch_size, desc="eval after")
         with open(os.path.join(args.out_dir, "eval_samples.jsonl"), "a") as f:
             f.writelines(json.dumps({"when": "after", **s}) + "\n" for s in samples)
-    common.save_final(accelerator, model, processor, args.out_dir, sharded=sharded, merge_lora=args.merge_lora,
+    training.save_final(accelerator, model, processor, args.out_dir, sharded=sharded, merge_lora=args.merge_lora,
                       dtype=args.save_dtype)
 
     if is_main:
-        rows = common.read_jsonl(metrics_path)
-        common.plot_metrics(rows, ["loss", "lr"], os.path.join(args.out_dir, "loss.png"),
+        rows = dataset.read_jsonl(metrics_path)
+        training.plot_metrics(rows, ["loss", "lr"], os.path.join(args.out_dir, "loss.png"),
                             title=f"SFT on {os.path.basename(args.data)}")
         summary.update(train_seconds=round(train_seconds, 1), first_loss=rows[0]["loss"], final_loss=rows[-1]["loss"])
         for key, name in (("before_plain", "before SFT, plain prompt"), ("before", f"before SFT, {style} prompt"),
@@ -452,4 +408,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(common.parse_args(Args))
+    cli.run(main, Args)

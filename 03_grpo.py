@@ -1,13 +1,18 @@
-"""Stage 2: reflection-aware GRPO, written out by hand (PAPER.md, "Stage 2"; Eqs. 2-8).
+"""Stage 2: reflection-aware GRPO, written out by hand (SRPO, arXiv 2506.01713, Sec. 3.2, Eqs. 2-8).
 
-Each step: take a batch of prompts with images, sample a group of G responses per prompt, score each
-with the SRPO reward (rewards.py), normalise rewards within each group into advantages, and take mu
-clipped-surrogate steps with an optional k3 KL to a frozen reference. The whole update is
-`grpo_step` below; everything else is plumbing (data, logging, checkpoints).
+Each step of the loop in `main` is one of the paper's six:
+  1. group sampling: G responses per prompt (with its image) at temperature T;
+  2. rewards: the SRPO reward of each response against its own gold answer (rewards.py, Eqs. 4-8);
+  3. group-normalised advantages (`group_advantages`, Eq. 3) and the accuracy filter;
+  4. old and reference log-probs (`token_logprobs`);
+  5. mu optimizer steps on the clipped surrogate with an optional k3 KL (`grpo_step`, `grpo_loss`, Eq. 2);
+  6. metrics (`step_metrics`): one log line and one metrics.jsonl row.
+Everything else is plumbing: batches with images, data, checkpoints.
 
-Toy (after 02, ~3 minutes on 2 CPU cores):
+Toy (after 02, ~5 minutes on 2 CPU cores):
     python 03_grpo.py                                            # SRPO: runs/toy/sft -> runs/toy/srpo
     python 03_grpo.py --reward grpo --model runs/toy/sft_cot --out_dir runs/toy/grpo   # plain-GRPO baseline
+    python 03_grpo.py --resume                                   # continue an interrupted run
 Real scale (Qwen2.5-VL-7B after reflection SFT, 8 GPUs; authors' settings):
     accelerate launch --config_file configs/zero3.yaml 03_grpo.py --model runs/sft-7b \\
         --data my-org/rl-prompts --prompts_per_step 16 --group_size 8 --max_new_tokens 2048 \\
@@ -21,7 +26,6 @@ samples.jsonl (completions with their rewards), curves.png, checkpoint/ (for --r
 
 import contextlib
 import copy
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -30,13 +34,18 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+import cli
 import common
+import dataset
+import policy
 import rewards
+import training
 
 
 @dataclass
-class Args(common.DataArgs):
-    """Reflection-aware GRPO (SRPO stage 2) on the toy task by default."""
+class Args(training.TrainArgs, dataset.DataArgs):
+    """Reflection-aware GRPO (SRPO stage 2) on the toy task by default. Resume an interrupted run: rerun
+    the same command with --resume (from out_dir/checkpoint, written every --save_every steps)."""
 
     model: str = "runs/toy/sft"
     """policy to start from (02's output; a LoRA output directory works too)"""
@@ -56,7 +65,7 @@ class Args(common.DataArgs):
     use_effectiveness: bool = True
     """ablation: --no-use_effectiveness drops I_eff"""
     system_prompt: str = "auto"
-    """key of common.SYSTEM_PROMPTS; 'auto' = 'plain' for the grpo reward, else 'reflect'"""
+    """key of dataset.SYSTEM_PROMPTS; 'auto' = 'plain' for the grpo reward, else 'reflect'"""
     steps: int = 40
     """rollout steps (paper: 500)"""
     prompts_per_step: int = 32
@@ -89,39 +98,42 @@ class Args(common.DataArgs):
     """upper bound of the accuracy filter"""
     lr: float = 4e-4
     """learning rate (paper: 1e-6 for 7B full fine-tuning; the tiny toy model needs more: 4e-4 at 32 prompts
-    a step; 1e-3 collapsed it, README)"""
+    a step; 1e-3 collapsed it, RESULTS.md)"""
+    adam_beta2: float = 0.95
+    """AdamW beta2 (0.95, as in the authors' OpenRLHF setup)"""
     warmup_ratio: float = 0.03
     """share of steps in linear warm-up"""
     min_lr_ratio: float = 0.1
     """cosine decays to this fraction of lr"""
-    weight_decay: float = 0.0
-    """AdamW weight decay"""
-    grad_clip: float = 1.0
-    """max gradient norm"""
     micro_batch: int = 32
     """sequences per log-prob forward pass (bounds logits memory)"""
-    save_dtype: str = "auto"
-    """dtype of the saved full model: 'auto' = bf16 after bf16-autocast training on a GPU (fp32 masters
-    were for the updates), else as trained; 'float32', 'bfloat16' or 'float16'. LoRA adapters and
-    ZeRO/FSDP runs save what they train"""
     lora_r: int = 0
     """LoRA rank (0 = full fine-tuning of the language model; 16 when --load_in_4bit or the model is an adapter)"""
-    load_in_4bit: bool = False
-    """nf4 base weights + LoRA (one-GPU mode)"""
-    gradient_checkpointing: bool = False
-    """trade compute for memory"""
-    freeze_vision: bool = True
-    """keep the vision tower and projector frozen (paper)"""
     save_every: int = 20
     """write a resumable checkpoint every N steps (0 = never)"""
-    resume: bool = False
-    """continue from out_dir/checkpoint"""
     sample_every: int = 10
     """write sample completions every N steps"""
-    seed: int = 0
-    """random seed"""
-    stop_after: int = 0
-    """end this run after N steps as if interrupted (0 = run to --steps); for testing --resume"""
+
+
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def check_args(args):
+    """Every flag value, checked before a model loads (on a 7B under ZeRO-3 a late error costs minutes)."""
+    training.check_train_args(args)
+    cli.check_choice("reward", args.reward, rewards.VARIANTS)
+    cli.check_choice("loss_agg", args.loss_agg, LOSS_AGGS)
+    cli.check_choice("system_prompt", args.system_prompt, ("auto", *dataset.SYSTEM_PROMPTS))
+    for flag, low in (("group_size", 2), ("prompts_per_step", 1), ("steps", 1), ("mu", 1), ("micro_batch", 1),
+                      ("max_new_tokens", 1)):
+        if getattr(args, flag) < low:
+            raise cli.UserError(f"--{flag} must be at least {low}; got {getattr(args, flag)}")
+    if not args.temperature > 0 or not 0 < args.top_p <= 1:
+        raise cli.UserError(f"GRPO samples: --temperature must be > 0 and --top_p in (0, 1]; got "
+                            f"{args.temperature} and {args.top_p}")
+    if args.accuracy_filter and not 0 <= args.filter_low <= args.filter_high <= 1:
+        raise cli.UserError(f"--filter_low {args.filter_low} and --filter_high {args.filter_high}: "
+                            "need 0 <= low <= high <= 1")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,7 +208,7 @@ def aggregate(per_token, mask, how):
         return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
     if how == "seq-mean-token-sum-norm":  # Dr. GRPO: token sums over a constant length
         return ((per_token * mask).sum(1) / mask.shape[1]).mean()
-    raise ValueError(f"unknown --loss_agg {how!r}")
+    raise cli.UserError(f"unknown --loss_agg {how!r}")
 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, args):
@@ -221,6 +233,13 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, args):
         n = mask.sum().clamp(min=1)
         stats = {"kl": ((kl * mask).sum() / n).item(), "clip_frac": ((clipped * mask).sum() / n).item()}
     return loss, stats
+
+
+def accuracy_filter(final_acc, low, high):
+    """The groups trained on: mean final-answer accuracy within [low, high] (the authors' [0.1, 0.9]).
+    An all-right or all-wrong group has zero advantages anyway; dropping it keeps it out of the
+    token-mean. (P,) -> (P,) bool"""
+    return (final_acc >= low) & (final_acc <= high)
 
 
 def training_rows(keep, G, lockstep):
@@ -257,8 +276,8 @@ def load_prompts(args, log=print, progress=True):
     """
     # Toy prompts come from train seeds disjoint from stage 1's pool (01 uses the range of --seed).
     size = args.train_size or (2000 if args.data in ("toy", "toy-dots") else 0)
-    ds, base_dir = common.load_problems(args, size, args.seed + 1)
-    problems, skipped = common.screen_problems(ds, args)
+    ds, base_dir = dataset.load_problems(args, size, args.seed + 1)
+    problems, skipped = dataset.screen_problems(ds, args)
     # One image source shared by all prompts: the column stays in the (memory-mapped) dataset and a
     # step reads its own rows only, so no process holds every image.
     source = {"cells": ds.select_columns([args.image_column]) if args.image_column else None,
@@ -266,8 +285,8 @@ def load_prompts(args, log=print, progress=True):
     prompts = []
     for p in tqdm(problems, desc="checking images", disable=not progress or len(problems) < 10_000 or source["cells"] is None):
         try:
-            common.open_image(image_cell(source, p["row"]), base_dir, verify_only=True)
-        except common.ImageError as e:
+            dataset.open_image(image_cell(source, p["row"]), base_dir, verify_only=True)
+        except dataset.ImageError as e:
             skipped.append({"id": p["id"], "row": p["row"], "reason": e.reason, "detail": str(e)})
             continue
         prompts.append({"index": len(prompts), "id": p["id"], "question": p["question"], "answer": p["answer"],
@@ -278,7 +297,7 @@ def load_prompts(args, log=print, progress=True):
             + "; ".join(f"row {s['row'] + 1} (id {s['id']}) {s['detail']}".strip() for s in rows[:3])
             + (" ..." if len(rows) > 3 else ""))
     if not prompts:
-        raise ValueError(f"{args.data}: no usable RL prompts (all {len(skipped)} rows skipped, reasons above)")
+        raise cli.UserError(f"{args.data}: no usable RL prompts (all {len(skipped)} rows skipped, reasons above)")
     return prompts
 
 
@@ -294,10 +313,10 @@ def batch_images(batch, prompts, max_pixels, log=print):
     for p in batch:
         for q in (prompts[(p["index"] + k) % len(prompts)] for k in range(len(prompts))):
             try:
-                images.append(common.open_image(image_cell(q["source"], q["row"]), q["source"]["base_dir"], max_pixels))
+                images.append(dataset.open_image(image_cell(q["source"], q["row"]), q["source"]["base_dir"], max_pixels))
                 out_prompts.append(q)
                 break
-            except common.ImageError as e:
+            except dataset.ImageError as e:
                 log(f"row {q['row'] + 1} (id {q['id']}): {e}; using the next prompt instead")
         else:
             raise ValueError("no RL prompt has an image that decodes")
@@ -316,70 +335,125 @@ def step_prompts(prompts, step, n, seed, rank, world):
 # Training
 
 
-def main(args: Args):
-    from accelerate import Accelerator
-    from accelerate.utils import parse_flag_from_env
+# ----------------------------------------------------------------------------------------------
+# The update and its metrics
 
-    common.check_save_dtype(args.save_dtype)
-    # No GPU: gloo on the CPU (`accelerate launch --multi_gpu --num_processes 2` runs 2 CPU processes).
-    # On a GPU: bf16 autocast (fp16 where bf16 is missing), as in 02.
-    on_gpu = torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU")
-    half = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if on_gpu else "no"
-    accelerator = Accelerator(cpu=not on_gpu, mixed_precision=half)
+
+def grpo_step(model, ref_model, accelerator, optimizer, scheduler, train, comp, cmask, adv, n_kept, args,
+              vision_start):
+    """Steps 4-5 of the loop: old and reference log-probs, then mu optimizer steps on the clipped
+    surrogate (Eq. 2), gradients accumulated over micro-batches. Returns (stats, grad_norm).
+
+    train: the prompts of the rows trained on (images included); comp, cmask: their completions and
+    token masks (B, T); adv: their advantages (B,); n_kept: the rows of the groups kept.
+    With mu = 1 the policy has not moved since sampling, so pi_old = pi_theta: the one pass uses its
+    own detached log-probs and the ratio is exactly 1.
+    Distributed: DDP and FSDP exchange gradients only on the last micro-batch (no_sync before it);
+    DeepSpeed's engine steps only when sync_gradients is set, though ZeRO-2/3 reduce at every backward.
+    """
+    with torch.no_grad(), accelerator.autocast():
+        old_logp = None
+        if args.mu > 1:
+            old_logp = token_logprobs(model, train, comp, args.temperature, args.micro_batch, vision_start)
+        ref_logp = None
+        if args.kl_coef > 0:
+            if ref_model is not None:
+                ref_logp = token_logprobs(ref_model, train, comp, args.temperature, args.micro_batch, vision_start)
+            else:  # LoRA: the reference is the base with the adapters off
+                with accelerator.unwrap_model(model).disable_adapter():
+                    ref_logp = token_logprobs(model, train, comp, args.temperature, args.micro_batch, vision_start)
+
+    n_tok, B = cmask.sum().clamp(min=1), len(comp)
+    starts = list(range(0, B, args.micro_batch))
+    for _ in range(args.mu):
+        stats = {"kl": 0.0, "clip_frac": 0.0, "loss": 0.0}
+        for s in starts:
+            mb = list(range(s, min(s + args.micro_batch, B)))
+            last = s == starts[-1]
+            accelerator.sync_gradients = last
+            with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                logp = token_logprobs(model, select_rows(train, mb, vision_start), comp[mb], args.temperature,
+                                      args.micro_batch, vision_start)
+                old = logp.detach() if old_logp is None else old_logp[mb]
+                loss, st = grpo_loss(logp, old, None if ref_logp is None else ref_logp[mb], adv[mb], cmask[mb], args)
+                # each micro-batch's loss scaled to its share, so that the shares sum to the batch loss
+                share = micro_batch_share(args.loss_agg, cmask[mb], n_tok, n_kept)
+                accelerator.backward(loss * share)
+            for k in st:
+                stats[k] += st[k] * float(share)
+            stats["loss"] += loss.item() * float(share)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)  # DeepSpeed: its config's
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return stats, grad_norm
+
+
+def step_metrics(scored, r, keep, mask, stats, grad_norm, lr, times):
+    """One metrics.jsonl row: the reward components, first/final accuracy, what the reflections did
+    (wrong->right, right->wrong), response length, the update's statistics and the step's seconds."""
+    row = {k: sum(s[k] for s in scored) / len(scored) for k in rewards.REWARD_KEYS}
+    first = torch.tensor([s["first_correct"] for s in scored])
+    final = torch.tensor([s["final_correct"] for s in scored])
+    gen_s, score_s, step_s = times
+    row.update({
+        "reward": row.pop("total"), "first_accuracy": first.mean().item(), "final_accuracy": final.mean().item(),
+        "wrong_to_right": ((first == 0) & (final == 1)).float().mean().item(),
+        "right_to_wrong": ((first == 1) & (final == 0)).float().mean().item(),
+        "reflection_rate": row["has_reflection"],
+        "response_tokens": mask.sum(1).float().mean().item(),
+        "zero_spread_groups": (r.std(1) < 1e-6).float().mean().item(), "groups_kept": keep.float().mean().item(),
+        **stats, "grad_norm": float("nan") if grad_norm is None else float(grad_norm), "lr": lr,
+        "step_s": step_s, "gen_s": gen_s, "score_s": score_s, "update_s": step_s - gen_s - score_s,
+        "tokens_per_s": float(mask.sum()) / step_s,
+    })
+    return row
+
+
+def log_line(step, row):
+    return (f"step {step:4d} | reward {row['reward']:.3f} | acc first {row['first_accuracy']:.2f} "
+            f"final {row['final_accuracy']:.2f} | w->r {row['wrong_to_right']:.2f} r->w {row['right_to_wrong']:.2f} "
+            f"| refl {row['reflection_rate']:.2f} | len {row['response_tokens']:.0f} | kl {row['kl']:.4f} "
+            f"| clip {row['clip_frac']:.3f} | {row['step_s']:.1f}s (gen {row['gen_s']:.1f}s)")
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+def main(args: Args):
+    check_args(args)
+    prompts = load_prompts(args)  # bad data fails here, before a model loads
+    accelerator = training.make_accelerator(args)
     rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    sharded = common.is_sharded(accelerator)  # ZeRO / FSDP: weights, or optimizer states, split over processes
-    common.seed_everything(args.seed + rank)
-    system = common.SYSTEM_PROMPTS[args.system_prompt if args.system_prompt != "auto"
-                                   else ("plain" if args.reward == "grpo" else "reflect")]
-    base, adapter = common.resolve_model(args.model)
+    sharded = training.is_sharded(accelerator)  # ZeRO / FSDP: weights, or optimizer states, split over processes
+    cli.seed_everything(args.seed + rank)
+    system = dataset.SYSTEM_PROMPTS[args.system_prompt if args.system_prompt != "auto"
+                                 else ("plain" if args.reward == "grpo" else "reflect")]
+    adapter = policy.resolve_model(args.model)[1]
     lora_r = args.lora_r or (16 if adapter or args.load_in_4bit else 0)  # 4-bit weights train only via LoRA
-    model, processor = common.load_policy(
-        base, dtype=common.training_dtype(accelerator, frozen_base=bool(lora_r)), adapter_path=adapter,
-        lora_r=lora_r, load_in_4bit=args.load_in_4bit, freeze_vision=args.freeze_vision,
-        gradient_checkpointing=args.gradient_checkpointing, device=str(accelerator.device))
+    model, processor = training.load_trainable_policy(args, accelerator, lora_r)
     ref_model = None
-    if args.kl_coef > 0 and not hasattr(model, "peft_config"):
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # LoRA: adapters off instead
+    if args.kl_coef > 0 and not hasattr(model, "peft_config"):  # LoRA: adapters off instead
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         # frozen: no fp32 master copy needed (on a GPU its pass runs under autocast anyway)
-        ref_model.to(getattr(torch, common.training_dtype(accelerator, frozen_base=True)))
+        ref_model.to(getattr(torch, training.training_dtype(accelerator, frozen_base=True)))
     tok = processor.tokenizer
     vision_start = tok.convert_tokens_to_ids("<|vision_start|>")
     count_tokens = lambda s: len(tok(s, add_special_tokens=False).input_ids)  # noqa: E731
     reward_fn = lambda text, p: rewards.srpo_reward(  # noqa: E731
         text, p["answer"], choices=p["choices"] or None, count_tokens=count_tokens, variant=args.reward,
         alpha=args.alpha, use_length=args.use_length, use_effectiveness=args.use_effectiveness)
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-    scheduler = common.cosine_schedule(optimizer, math.ceil(args.warmup_ratio * args.steps * args.mu),
-                                       args.steps * args.mu, args.min_lr_ratio)
-    common.prepare_deepspeed(accelerator, args.micro_batch, args.grad_clip)
+    optimizer, scheduler = training.make_optimizer(args, model, args.steps * args.mu)
+    training.prepare_deepspeed(accelerator, args.micro_batch, args.grad_clip)
     model, optimizer = accelerator.prepare(model, optimizer)
-    if sharded:
-        accelerator.register_for_checkpointing(scheduler)  # stepped by us once per optimizer step
-    prompts = load_prompts(args, log=accelerator.print, progress=is_main)
     os.makedirs(args.out_dir, exist_ok=True)
     metrics_path, samples_path = os.path.join(args.out_dir, "metrics.jsonl"), os.path.join(args.out_dir, "samples.jsonl")
-    ckpt = os.path.join(args.out_dir, "checkpoint")
-    start = 0
-    found = common.find_checkpoint(ckpt) if args.resume else None
-    if found:
-        start, _ = common.load_checkpoint(accelerator, found, model=model, optimizer=optimizer, scheduler=scheduler,
-                                          sharded=sharded)
-        accelerator.print(f"resumed from {found} at step {start}")
-        if is_main:  # drop rows logged after the checkpoint by the interrupted run
-            rows = [r for r in common.read_jsonl(metrics_path) if r["step"] <= start]
-            os.remove(metrics_path)
-            for r in rows:
-                common.append_jsonl(metrics_path, r)
-    elif is_main:  # a fresh run replaces an earlier run's logs and checkpoint
-        for p in (metrics_path, samples_path):
-            if os.path.exists(p):
-                os.remove(p)
-        common.remove_checkpoint(ckpt)
+    start, _ = training.start_or_resume(accelerator, args, training.find_resume(args), scheduler=scheduler,
+                                        logs=("metrics.jsonl", "samples.jsonl"))
     if is_main:
-        config = {"start": start, **asdict(args), "lora_r_used": lora_r}
-        common.append_jsonl(os.path.join(args.out_dir, "config.jsonl"), config)
+        dataset.append_jsonl(os.path.join(args.out_dir, "config.jsonl"), {"start": start, **asdict(args), "lora_r_used": lora_r})
+    training.start_trackers(accelerator, args, "srpo-grpo")
     accelerator.print(f"GRPO on {accelerator.device}, processes: {world}, {len(prompts)} prompts, "
                       f"{args.prompts_per_step} x {args.group_size} samples per process per step")
 
@@ -394,10 +468,8 @@ def main(args: Args):
         P, G = len(batch_prompts), args.group_size
 
         # 1. Group sampling: every prompt G times, sampled at temperature T (old policy = current).
-        enc = common.encode_prompts(processor, [p["question"] for p in batch_prompts],
-                                    images, system)
-        enc = {k: v.to(accelerator.device) for k, v in enc.items()}
-        group = repeat_for_group(enc, G, vision_start)  # (P*G, Lp)
+        enc = dataset.encode_prompts(processor, [p["question"] for p in batch_prompts], images, system)
+        group = repeat_for_group({k: v.to(accelerator.device) for k, v in enc.items()}, G, vision_start)  # (P*G, Lp)
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.eval()
         with accelerator.autocast():
@@ -406,7 +478,7 @@ def main(args: Args):
             completion, mask, texts = common.generate(unwrapped, processor, group, max_new_tokens=args.max_new_tokens,
                                                       temperature=args.temperature, top_p=args.top_p,
                                                       min_new_tokens=args.min_new_tokens,
-                                                      synced_gpus=common.weights_sharded(accelerator) or None)
+                                                      synced_gpus=training.weights_sharded(accelerator) or None)
         t_gen = time.time() - t0
 
         # 2. Rewards (Eqs. 4-8): every response against its OWN prompt's gold answer.
@@ -416,113 +488,57 @@ def main(args: Args):
 
         # 3. Group-normalised advantages (Eq. 3) and the accuracy filter.
         advantages = group_advantages(r)  # (P, G)
-        keep = torch.ones(P, dtype=torch.bool)
-        if args.accuracy_filter:
-            keep = (final_acc >= args.filter_low) & (final_acc <= args.filter_high)
+        keep = accuracy_filter(final_acc, args.filter_low, args.filter_high) if args.accuracy_filter else \
+            torch.ones(P, dtype=torch.bool)
         if not keep.any():
             # Every rank must take the same optimizer steps (DDP syncs in backward): train on one
             # group with zero advantages, i.e. a zero-gradient update.
             keep[0], advantages[0] = True, 0.0
         rows, weight = training_rows(keep, G, lockstep=sharded and world > 1)
-        train = select_rows(group, rows, vision_start)
-        comp, cmask = completion[rows], mask[rows].float() * weight[:, None].to(mask.device)
-        adv = advantages.flatten()[rows].to(accelerator.device)
         t_score = time.time() - t0 - t_gen
 
-        # 4. Old (and reference) log-probs, no gradient. With mu = 1 the policy has not moved since
-        # sampling, so pi_old = pi_theta: the first (only) pass uses its own detached log-probs.
+        # 4-5. Old and reference log-probs, then mu clipped-surrogate steps (Eq. 2).
         model.train()
-        with torch.no_grad(), accelerator.autocast():
-            old_logp = None
-            if args.mu > 1:
-                old_logp = token_logprobs(model, train, comp, args.temperature, args.micro_batch, vision_start)
-            ref_logp = None
-            if args.kl_coef > 0:
-                if ref_model is not None:
-                    ref_logp = token_logprobs(ref_model, train, comp, args.temperature, args.micro_batch, vision_start)
-                else:
-                    with accelerator.unwrap_model(model).disable_adapter():
-                        ref_logp = token_logprobs(model, train, comp, args.temperature, args.micro_batch, vision_start)
-
-        # 5. mu optimizer steps on the clipped surrogate (Eq. 2), gradients accumulated over
-        # micro-batches; the loss of each micro-batch is scaled so the sum is the batch loss.
-        n_tok, B, n_kept = cmask.sum().clamp(min=1), len(rows), int(keep.sum()) * G
-        for _ in range(args.mu):
-            stats_sum = {"kl": 0.0, "clip_frac": 0.0, "loss": 0.0}
-            starts = list(range(0, B, args.micro_batch))
-            for s in starts:
-                mb = list(range(s, min(s + args.micro_batch, B)))
-                last = s == starts[-1]
-                # Gradients add up over the micro-batches; one optimizer step after the last (DDP and
-                # FSDP also exchange them only then: no_sync; DeepSpeed's engine steps only when
-                # sync_gradients is set, though ZeRO-2/3 reduce at every backward).
-                accelerator.sync_gradients = last
-                with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                    logp = token_logprobs(model, select_rows(train, mb, vision_start), comp[mb], args.temperature,
-                                          args.micro_batch, vision_start)
-                    old = logp.detach() if old_logp is None else old_logp[mb]
-                    loss, st = grpo_loss(logp, old, None if ref_logp is None else ref_logp[mb],
-                                         adv[mb], cmask[mb], args)
-                    # Rescale the micro-batch's loss to its share of the whole batch.
-                    share = micro_batch_share(args.loss_agg, cmask[mb], n_tok, n_kept)
-                    accelerator.backward(loss * share)
-                for k in st:
-                    stats_sum[k] += st[k] * float(share)
-                stats_sum["loss"] += loss.item() * float(share)
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)  # DeepSpeed: its config's clip
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+        stats, grad_norm = grpo_step(
+            model, ref_model, accelerator, optimizer, scheduler, select_rows(group, rows, vision_start),
+            completion[rows], mask[rows].float() * weight[:, None].to(mask.device),
+            advantages.flatten()[rows].to(accelerator.device), int(keep.sum()) * G, args, vision_start)
 
         # 6. Metrics: one line, one JSONL row (means over all ranks).
-        step_s = time.time() - t0
-        n_tokens = float(mask.sum())
-        row = {"step": step + 1, **{k: sum(s[k] for s in scored) / len(scored) for k in rewards.REWARD_KEYS}}
-        first = torch.tensor([s["first_correct"] for s in scored])
-        final = torch.tensor([s["final_correct"] for s in scored])
-        row.update({
-            "reward": row.pop("total"), "first_accuracy": first.mean().item(), "final_accuracy": final.mean().item(),
-            "wrong_to_right": ((first == 0) & (final == 1)).float().mean().item(),
-            "right_to_wrong": ((first == 1) & (final == 0)).float().mean().item(),
-            "reflection_rate": sum(s["has_reflection"] for s in scored) / len(scored),
-            "response_tokens": mask.sum(1).float().mean().item(),
-            "zero_spread_groups": (r.std(1) < 1e-6).float().mean().item(), "groups_kept": keep.float().mean().item(),
-            **stats_sum, "grad_norm": float("nan") if grad_norm is None else float(grad_norm), "lr": scheduler.get_last_lr()[0],
-            "step_s": step_s, "gen_s": t_gen, "score_s": t_score, "update_s": step_s - t_gen - t_score,
-            "tokens_per_s": n_tokens / step_s,
-        })
+        row = step_metrics(scored, r, keep, mask, stats, grad_norm, scheduler.get_last_lr()[0],
+                           (t_gen, t_score, time.time() - t0))
         if world > 1:
-            keys = sorted(k for k in row if k != "step")
-            vals = accelerator.reduce(torch.tensor([row[k] for k in keys], device=accelerator.device), "mean")
-            row.update(dict(zip(keys, vals.tolist())))
+            keys = sorted(row)
+            row = dict(zip(keys, accelerator.reduce(torch.tensor([row[k] for k in keys], device=accelerator.device),
+                                                    "mean").tolist()))
+        row = {"step": step + 1, **row}
+        accelerator.log(row, step=step + 1)
         if is_main:
-            common.append_jsonl(metrics_path, row)
+            dataset.append_jsonl(metrics_path, row)
             bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['final_accuracy']:.2f}")
-            tqdm.write(f"step {step + 1:4d} | reward {row['reward']:.3f} | acc first {row['first_accuracy']:.2f} "
-                       f"final {row['final_accuracy']:.2f} | w->r {row['wrong_to_right']:.2f} r->w {row['right_to_wrong']:.2f} "
-                       f"| refl {row['reflection_rate']:.2f} | len {row['response_tokens']:.0f} | kl {row['kl']:.4f} "
-                       f"| clip {row['clip_frac']:.3f} | {step_s:.1f}s (gen {t_gen:.1f}s)")
+            tqdm.write(log_line(step + 1, row))
             if args.sample_every and (step + 1) % args.sample_every == 0:
                 for i in range(0, P * G, G):  # the first response of each group
-                    common.append_jsonl(samples_path, {"step": step + 1, "question": batch_prompts[i // G]["question"],
-                                                       "gold": batch_prompts[i // G]["answer"], "response": texts[i],
-                                                       **{k: scored[i][k] for k in rewards.REWARD_KEYS}})
+                    dataset.append_jsonl(samples_path, {"step": step + 1, "question": batch_prompts[i // G]["question"],
+                                                     "gold": batch_prompts[i // G]["answer"], "response": texts[i],
+                                                     **{k: scored[i][k] for k in rewards.REWARD_KEYS}})
         if args.save_every and (step + 1) % args.save_every == 0:
-            common.save_checkpoint(accelerator, ckpt, model=model, optimizer=optimizer, scheduler=scheduler,
-                                   step=step + 1, sharded=sharded)
+            training.save_checkpoint(accelerator, os.path.join(args.out_dir, "checkpoint"), scheduler=scheduler,
+                                     step=step + 1)
 
     accelerator.wait_for_everyone()
     if args.stop_after and start + args.stop_after < args.steps:
         return {}  # interrupted on purpose: the checkpoint is the state to resume from
-    common.save_final(accelerator, model, processor, args.out_dir, sharded=sharded, dtype=args.save_dtype)
+    training.save_final(accelerator, model, processor, args.out_dir, sharded=sharded, dtype=args.save_dtype)
+    accelerator.end_training()
     if is_main:
-        rows = common.read_jsonl(metrics_path)
-        common.plot_metrics(rows, ["reward", "final_accuracy", "first_accuracy", "wrong_to_right", "response_tokens"],
-                            os.path.join(args.out_dir, "curves.png"), title=f"GRPO, reward={args.reward}")
+        rows = dataset.read_jsonl(metrics_path)
+        training.plot_metrics(rows, ["reward", "final_accuracy", "first_accuracy", "wrong_to_right", "response_tokens"],
+                              os.path.join(args.out_dir, "curves.png"), title=f"GRPO, reward={args.reward}")
         print(f"saved to {args.out_dir}")
         return {"metrics": rows}
     return {}
 
 
 if __name__ == "__main__":
-    main(common.parse_args(Args))
+    cli.run(main, Args)

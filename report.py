@@ -15,12 +15,33 @@ import base64
 import html
 import io
 import json
+import math
 import os
 from dataclasses import dataclass
 
-import common
+import cli
+import dataset
+import policy
 import rewards
 import toy
+
+
+def paired_difference(rows_a, rows_b):
+    """Final-answer accuracy of model a minus model b on the items both answered, with a 95% interval.
+
+    Paired: each item contributes (a right) - (b right) in {-1, 0, 1}, so the interval is that of the
+    mean of those differences (normal approximation), much narrower than two independent intervals
+    when the models agree on most items. Fractions, like the headline figures.
+    Example: a right on 3 of 4 items, b on 1 of them -> difference 0.5.
+    """
+    b = {r["id"]: bool(r["correct"]) for r in rows_b}
+    d = [float(bool(r["correct"])) - float(b[r["id"]]) for r in rows_a if r["id"] in b]
+    if not d:
+        return None
+    n, mean = len(d), sum(d) / len(d)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) if n > 1 else 0.0
+    half = 1.96 * sd / math.sqrt(n)
+    return {"difference": round(mean, 4), "ci95": [round(mean - half, 4), round(mean + half, 4)], "n": n}
 
 
 @dataclass
@@ -145,7 +166,7 @@ def write_report(args: Args):
     runs = {}
     if os.path.isdir(args.runs_dir):
         for name in sorted(os.listdir(args.runs_dir)):
-            rows = common.read_jsonl(os.path.join(args.runs_dir, name, "metrics.jsonl"))
+            rows = dataset.read_jsonl(os.path.join(args.runs_dir, name, "metrics.jsonl"))
             if rows and "reward" in rows[0]:  # 03's metrics (02's have a loss, not a reward)
                 runs[name] = rows
     if runs:
@@ -153,13 +174,13 @@ def write_report(args: Args):
                  f"<p class=\"small\">runs: {', '.join(html.escape(n) for n in runs)} (each step: every sampled response "
                  "of the step's prompts, at temperature 1)</p>"]
     model_dir = os.path.join(bench_dir, comparison[args.model]["folder"]) if args.model in comparison else ""
-    items = [r for r in common.read_jsonl(os.path.join(model_dir, "items.jsonl")) if not r.get("error")] if model_dir else []
+    items = [r for r in dataset.read_jsonl(os.path.join(model_dir, "items.jsonl")) if not r.get("error")] if model_dir else []
     if items:
         count_tokens = None
         with open(os.path.join(model_dir, "run.json")) as f:
             model_path = json.load(f)["model"]
-        if common.is_toy_dir(model_path):  # the policy's own token counts, as in training
-            tok = common.load_processor(model_path).tokenizer
+        if policy.is_toy_dir(model_path):  # the policy's own token counts, as in training
+            tok = policy.load_processor(model_path).tokenizer
             count_tokens = lambda s: len(tok(s, add_special_tokens=False).input_ids)  # noqa: E731
         body.append(f"<h2>What {html.escape(args.model)} writes</h2>")
         for anchor, title, first, final in KINDS:
@@ -184,7 +205,7 @@ def seeds_table(args: Args):
         bench = os.path.join(d, args.benchmark)
         with open(os.path.join(bench, "comparison.json")) as f:
             comparisons.append(json.load(f))
-        items.append({m: common.read_jsonl(os.path.join(bench, c["folder"], "items.jsonl"))
+        items.append({m: dataset.read_jsonl(os.path.join(bench, c["folder"], "items.jsonl"))
                       for m, c in comparisons[-1].items()})
     models = list(comparisons[0])
     pairs = [tuple(p.split("-", 1)) for p in args.pairs.split(",") if p]
@@ -202,7 +223,7 @@ def seeds_table(args: Args):
         cells = [str(seed), str(comp[models[0]]["n"]), *[pct(comp[m]["final_accuracy"]) for m in models]]
         if "srpo" in models:
             cells.append(f"{pct(comp['srpo']['wrong_to_right'])} / {pct(comp['srpo']['right_to_wrong'])}")
-        cells += [diff(common.paired_difference(rows[a], rows[b])) for a, b in pairs]
+        cells += [diff(paired_difference(rows[a], rows[b])) for a, b in pairs]
         lines.append("| " + " | ".join(cells) + " |")
     pooled = {m: [r for rows in items for r in rows[m]] for m in models}
     n = len(pooled[models[0]])
@@ -212,7 +233,7 @@ def seeds_table(args: Args):
         w2r = sum(not r["first_correct"] and r["correct"] for r in s) / max(1, len(s))
         r2w = sum(r["first_correct"] and not r["correct"] for r in s) / max(1, len(s))
         cells.append(f"{pct(w2r)} / {pct(r2w)}")
-    cells += [diff(common.paired_difference(pooled[a], pooled[b])) for a, b in pairs]
+    cells += [diff(paired_difference(pooled[a], pooled[b])) for a, b in pairs]
     lines.append("| " + " | ".join(cells) + " |")
     markdown = "\n".join(lines) + "\n"
     path = os.path.join(os.path.dirname(os.path.normpath(dirs[0])) or ".", "seeds.md")
@@ -223,5 +244,5 @@ def seeds_table(args: Args):
 
 
 if __name__ == "__main__":
-    parsed = common.parse_args(Args)
+    parsed = cli.parse_args(Args)
     seeds_table(parsed) if parsed.seeds else write_report(parsed)

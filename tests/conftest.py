@@ -17,7 +17,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 def load_script(name):
     """Import a numbered script (e.g. '03_grpo') as a module; importing does no work beyond definitions."""
-    spec = importlib.util.spec_from_file_location(name.replace(".py", ""), os.path.join(ROOT, name if name.endswith(".py") else name + ".py"))
+    path = os.path.join(ROOT, name if name.endswith(".py") else name + ".py")
+    spec = importlib.util.spec_from_file_location(os.path.basename(name).replace(".py", ""), path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclass and parse_args look modules up by name
     spec.loader.exec_module(module)
@@ -27,11 +28,11 @@ def load_script(name):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """An untrained tiny Qwen2.5-VL + toy processor saved with save_pretrained (a real checkpoint layout)."""
-    import common
+    import dataset
     import toy
 
     path = tmp_path_factory.mktemp("tiny") / "model"
-    tok = toy.build_tokenizer(extra_texts=list(common.SYSTEM_PROMPTS.values()))
+    tok = toy.build_tokenizer(extra_texts=list(dataset.SYSTEM_PROMPTS.values()))
     proc = toy.ToyProcessor.build(tok)
     model = toy.build_tiny_model(tok, hidden=64, layers=2, seed=0)
     model.save_pretrained(path)

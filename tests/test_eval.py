@@ -17,7 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-import common
+import benchmarks
+import dataset
 
 ev = load_script("04_eval")
 SHARED_MATHVISION = Path(SHARED_DATA) / "mathvision_testmini"
@@ -121,10 +122,10 @@ def test_mathvision_letters_and_option_values():
 
 
 def test_mathvision_extract_follows_the_official_heuristics():
-    assert ev.mathvision_extract(r"so the answer is $\frac{1}{2}$.") == r"\frac{1}{2}"
-    assert ev.mathvision_extract("Counting the bricks gives C.") == "c"
-    assert ev.mathvision_extract("(B)\nbecause the cube has six faces") == "b"
-    assert ev.mathvision_extract(r"first \boxed{3}, then \boxed{x = \dfrac{7}{2}}") == r"\frac{7}{2}"
+    assert benchmarks.mathvision_extract(r"so the answer is $\frac{1}{2}$.") == r"\frac{1}{2}"
+    assert benchmarks.mathvision_extract("Counting the bricks gives C.") == "c"
+    assert benchmarks.mathvision_extract("(B)\nbecause the cube has six faces") == "b"
+    assert benchmarks.mathvision_extract(r"first \boxed{3}, then \boxed{x = \dfrac{7}{2}}") == r"\frac{7}{2}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,13 +182,14 @@ def test_mmmu_pro_no_answer_is_not_a_random_letter():
     for response in ["The picture is too blurry to tell.", "", reflective("x", "none")]:
         s = ev.score("mmmu_pro", mmmu(), response)
         assert s["extracted"] == "" and not s["correct"]
-    assert ev.mmmu_parse_choice("Because the mass is unknown", list("ABCD"), {}) == ""  # "Because" names no B
+    # "Because" names no B
+    assert benchmarks.mmmu_parse_choice("Because the mass is unknown", list("ABCD"), {}) == ""
 
 
 def test_mmmu_pro_option_text_in_a_long_response():
     response = "The net force is twice as large, so the block must have a mass of 2 kg in the end"
     letters = [chr(65 + i) for i in range(10)]
-    assert ev.mmmu_parse_choice(response, letters, dict(zip(letters, eval(OPTIONS)))) == "C"
+    assert benchmarks.mmmu_parse_choice(response, letters, dict(zip(letters, eval(OPTIONS)))) == "C"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,11 +241,11 @@ def test_summary_rates_add_up(outcomes):
 
 
 def test_mathverse_overall_averages_the_five_versions_without_text_only():
-    rows = [row(v, True, i < 2) for v in ev.MATHVERSE_VERSIONS for i in range(4)]  # 50% each
+    rows = [row(v, True, i < 2) for v in benchmarks.MATHVERSE_VERSIONS for i in range(4)]  # 50% each
     rows[0]["correct"] = rows[1]["correct"] = False  # Text Dominant: 0%
     rows += [row("Text Only", True, True) for _ in range(8)]
     s = ev.summarize(rows, "mathverse")
-    assert list(s["categories"]) == ev.MATHVERSE_VERSIONS + ["Text Only"]
+    assert list(s["categories"]) == benchmarks.MATHVERSE_VERSIONS + ["Text Only"]
     assert s["categories"]["Text Only"]["final_acc"] == 100.0
     assert s["overall"]["final_acc"] == 40.0 and s["overall"]["n"] == 20
     assert "| **overall** | 20 |" in ev.summary_markdown(s, "mathverse")
@@ -330,24 +332,24 @@ def test_open_image_reads_paths_bytes_hub_structs_and_stacks_lists(tmp_path):
     buf = io.BytesIO()
     Image.new("L", (20, 10)).save(buf, format="PNG")
     data = buf.getvalue()
-    assert common.open_image(data).size == (20, 10) and common.open_image(data).mode == "RGB"
-    assert common.open_image({"bytes": data, "path": "x.png"}).size == (20, 10)
-    assert common.open_image([data, {"bytes": data, "path": None}]).size == (20, 20)
-    assert common.open_image([data, "", {"bytes": None, "path": None}]).size == (20, 10)  # empty entries: none
-    assert common.open_image(None) is None and common.open_image("") is None
+    assert dataset.open_image(data).size == (20, 10) and dataset.open_image(data).mode == "RGB"
+    assert dataset.open_image({"bytes": data, "path": "x.png"}).size == (20, 10)
+    assert dataset.open_image([data, {"bytes": data, "path": None}]).size == (20, 20)
+    assert dataset.open_image([data, "", {"bytes": None, "path": None}]).size == (20, 10)  # empty entries: none
+    assert dataset.open_image(None) is None and dataset.open_image("") is None
     with pytest.raises(ValueError, match="nowhere.png"):
-        common.open_image(str(tmp_path / "nowhere.png"))
+        dataset.open_image(str(tmp_path / "nowhere.png"))
     # A relative path starts from base_dir; max_pixels downscales; a truncated file fails when opened
     # and (PNG checksums) when only verified, and is 'unreadable' rather than 'missing'.
     Image.new("RGB", (200, 100)).save(tmp_path / "a.png")
-    assert common.open_image("a.png", str(tmp_path), max_pixels=5000).size == (100, 50)
-    assert common.open_image("a.png", str(tmp_path), verify_only=True) is None
+    assert dataset.open_image("a.png", str(tmp_path), max_pixels=5000).size == (100, 50)
+    assert dataset.open_image("a.png", str(tmp_path), verify_only=True) is None
     Image.effect_noise((64, 64), 50).save(tmp_path / "noise.png")
     whole = (tmp_path / "noise.png").read_bytes()
     (tmp_path / "cut.png").write_bytes(whole[:len(whole) * 2 // 3])  # the header is fine, the pixels end early
     for verify_only in (False, True):
-        with pytest.raises(common.ImageError, match="cut.png") as e:
-            common.open_image("cut.png", str(tmp_path), verify_only=verify_only)
+        with pytest.raises(dataset.ImageError, match="cut.png") as e:
+            dataset.open_image("cut.png", str(tmp_path), verify_only=verify_only)
         assert e.value.reason == "unreadable image"
 
 
@@ -364,12 +366,12 @@ def test_local_mathvision_layout_and_missing_split_message(tmp_path):
             {"id": "8", "question": "Which one? <image1>", "options": list("ABCDE"), "answer": "B",
              "subject": "logic", "image": "8.jpg", "level": 1, "solution": None}]
     (tmp_path / "testmini.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    items = ev.load_items("mathvision", "testmini", str(tmp_path))
+    items = benchmarks.load_items("mathvision", "testmini", str(tmp_path))
     assert [i["_id"] for i in items] == ["7", "8"] and items[0]["_category"] == "counting"
     assert "<image1>" not in items[0]["_question"] and "A, B, C, D, E" in items[1]["_question"]
-    assert all(common.open_image(i["_image"]).size == (30, 30) for i in items)
+    assert all(dataset.open_image(i["_image"]).size == (30, 30) for i in items)
     with pytest.raises(FileNotFoundError, match="testmini.jsonl"):
-        ev.load_items("mathvision", "test", str(tmp_path))
+        benchmarks.load_items("mathvision", "test", str(tmp_path))
 
 
 def test_local_mmmu_pro_parquet_layout(tmp_path):
@@ -385,10 +387,10 @@ def test_local_mmmu_pro_parquet_layout(tmp_path):
                                      "answer": "A"})]:
         (tmp_path / setting).mkdir()
         pq.write_table(pa.Table.from_pylist([row]), tmp_path / setting / "test-00000-of-00001.parquet")
-    items = ev.load_items("mmmu_pro", "", str(tmp_path))
+    items = benchmarks.load_items("mmmu_pro", "", str(tmp_path))
     assert [i["_category"] for i in items] == ["standard (10 options)", "vision"]
     assert "A. Monet\nB. Manet" in items[0]["_question"] and "[image 1]" in items[0]["_question"]
-    assert common.open_image(items[0]["_image"]).size == (16, 16) and common.open_image(items[1]["_image"]).size == (16, 16)
+    assert dataset.open_image(items[0]["_image"]).size == (16, 16) and dataset.open_image(items[1]["_image"]).size == (16, 16)
 
 
 def test_judge_extracts_the_answer_and_sends_the_key_only_in_the_header(monkeypatch):

@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 
 import common
+import dataset
+import policy
 import rewards
 import toy
 from conftest import ROOT, load_script
@@ -42,10 +44,10 @@ def test_every_response_scored_against_its_own_prompt():
 
 
 def _rollout(model_dir, G=2, n=3, T=1.0, max_new_tokens=24):
-    model, proc = common.load_policy(model_dir)
+    model, proc = policy.load_policy(model_dir)
     ds = toy.toy_dataset("test", n)
     vs = proc.tokenizer.convert_tokens_to_ids("<|vision_start|>")
-    enc = common.encode_prompts(proc, list(ds["question"]), list(ds["image"]), common.SYSTEM_PROMPTS["plain"])
+    enc = dataset.encode_prompts(proc, list(ds["question"]), list(ds["image"]), dataset.SYSTEM_PROMPTS["plain"])
     enc = {k: v.to(model.device) for k, v in enc.items()}  # as 03 does (a GPU machine runs these too)
     group = grpo.repeat_for_group(enc, G, vs)
     torch.manual_seed(0)
@@ -55,9 +57,9 @@ def _rollout(model_dir, G=2, n=3, T=1.0, max_new_tokens=24):
 
 
 def test_repeat_for_group_repeats_images(tiny_model_dir):
-    proc = common.load_processor(tiny_model_dir)
+    proc = policy.load_processor(tiny_model_dir)
     ds = toy.toy_dataset("test", 3)
-    enc = common.encode_prompts(proc, list(ds["question"]), list(ds["image"]), "sys")
+    enc = dataset.encode_prompts(proc, list(ds["question"]), list(ds["image"]), "sys")
     vs = proc.tokenizer.convert_tokens_to_ids("<|vision_start|>")
     g = grpo.repeat_for_group(enc, 4, vs)
     assert g["input_ids"].shape[0] == 12 and g["image_grid_thw"].shape[0] == 12
@@ -88,10 +90,10 @@ def test_training_logprobs_match_sampling_distribution(base_model_dir):
     """log_softmax(logits / T) of the training pass == the distribution generate() sampled from."""
     T = 0.7
     # fp32 on any device: this checks the temperature scaling, not bf16 rounding (on a GPU "auto" is bf16).
-    model, proc = common.load_policy(base_model_dir, dtype="float32")
+    model, proc = policy.load_policy(base_model_dir, dtype="float32")
     ds = toy.toy_dataset("test", 3)
     vs = proc.tokenizer.convert_tokens_to_ids("<|vision_start|>")
-    enc = common.encode_prompts(proc, list(ds["question"]), list(ds["image"]), common.SYSTEM_PROMPTS["plain"])
+    enc = dataset.encode_prompts(proc, list(ds["question"]), list(ds["image"]), dataset.SYSTEM_PROMPTS["plain"])
     enc = {k: v.to(model.device) for k, v in enc.items()}
     model.eval()
     torch.manual_seed(0)
@@ -199,7 +201,7 @@ def test_two_process_accelerate_cpu_run(base_model_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     log = subprocess.run(cmd, check=True, cwd=ROOT, env=env, timeout=300, capture_output=True, text=True)
     assert "processes: 2" in log.stdout + log.stderr  # really two ranks, not a silent single process
-    assert len(common.read_jsonl(out / "metrics.jsonl")) == 2 and (out / "model.safetensors").exists()
+    assert len(dataset.read_jsonl(out / "metrics.jsonl")) == 2 and (out / "model.safetensors").exists()
 
 
 def test_local_jsonl_prompts_and_bad_rows(tmp_path, capsys):
@@ -213,10 +215,10 @@ def test_local_jsonl_prompts_and_bad_rows(tmp_path, capsys):
     (tmp_path / "cut.jpg").write_bytes((tmp_path / "whole.jpg").read_bytes()[:3000])
     rows[2]["image"] = "cut.jpg"
     for r in rows + [{**rows[0], "image": "missing.png"}, {**rows[1], "answer": ""}]:
-        common.append_jsonl(tmp_path / "rl.jsonl", r)
+        dataset.append_jsonl(tmp_path / "rl.jsonl", r)
     prompts = grpo.load_prompts(grpo.Args(data=str(tmp_path / "rl.jsonl")))  # all rows: no --train_size
     assert [p["answer"] for p in prompts] == list(ds["answer"]) and [p["id"] for p in prompts] == ["row0", "row1", "row2"]
-    assert common.open_image("cut.jpg", str(tmp_path), verify_only=True) is None  # passes the check
+    assert dataset.open_image("cut.jpg", str(tmp_path), verify_only=True) is None  # passes the check
     out = capsys.readouterr().out
     assert "skipped 1 row(s), missing image: row 4 (id row3)" in out and "missing.png" in out
     assert "skipped 1 row(s), empty gold: row 5 (id row4)" in out

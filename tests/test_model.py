@@ -1,4 +1,4 @@
-"""The model plumbing in common.py on the real tiny Qwen2.5-VL: saving and loading, the processor,
+"""The model plumbing (policy.py, dataset.py, training.py) on the real tiny Qwen2.5-VL: saving and loading, the processor,
 batched generation, the SFT forward/backward, 4-bit + LoRA on CPU, the CLI and stage 0's outputs.
 
 No mocks: every test runs the real transformers/peft/bitsandbytes code on the toy checkpoints from
@@ -15,11 +15,15 @@ import pytest
 import torch
 from PIL import Image
 
+import cli
 import common
+import dataset
+import policy
 import toy
+import training
 from conftest import load_script
 
-PLAIN = common.SYSTEM_PROMPTS["plain"]
+PLAIN = dataset.SYSTEM_PROMPTS["plain"]
 
 
 def _one_per_family(families=toy.FAMILIES):
@@ -44,15 +48,15 @@ def _gradient_image(w, h):
 
 
 def test_save_load_roundtrip_gives_identical_logits(tiny_model_dir, tmp_path):
-    processor = common.load_processor(tiny_model_dir)
+    processor = policy.load_processor(tiny_model_dir)
     assert isinstance(processor, toy.ToyProcessor)
     model = toy.build_tiny_model(processor.tokenizer, hidden=64, layers=2, seed=1).eval()
     p = toy.make_problem(3)
-    batch = common.encode_prompts(processor, [p["question"]], [p["image"]], PLAIN)
+    batch = dataset.encode_prompts(processor, [p["question"]], [p["image"]], PLAIN)
     with torch.no_grad():
         ref = model(**batch).logits  # (1, T, V)
         # The image is really used: another picture gives other logits.
-        other = common.encode_prompts(processor, [p["question"]], [toy.make_problem(4)["image"]], PLAIN)
+        other = dataset.encode_prompts(processor, [p["question"]], [toy.make_problem(4)["image"]], PLAIN)
         assert not torch.allclose(model(**other).logits, ref)
 
     out = tmp_path / "saved"
@@ -60,20 +64,20 @@ def test_save_load_roundtrip_gives_identical_logits(tiny_model_dir, tmp_path):
     processor.save_pretrained(out)
     assert (out / "model.safetensors").is_file() and (out / "toy_processor.json").is_file()
 
-    loaded, loaded_proc = common.load_policy(str(out), device="cpu")
+    loaded, loaded_proc = policy.load_policy(str(out), device="cpu")
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     plain = Qwen2_5_VLForConditionalGeneration.from_pretrained(out)
-    batch2 = common.encode_prompts(loaded_proc, [p["question"]], [p["image"]], PLAIN)
+    batch2 = dataset.encode_prompts(loaded_proc, [p["question"]], [p["image"]], PLAIN)
     assert batch2.keys() == batch.keys() and all(torch.equal(batch[k], batch2[k]) for k in batch)
     with torch.no_grad():
         for m in (loaded.eval(), plain.eval()):
             assert torch.equal(m(**batch2).logits, ref)
 
-    # common.save_model writes the same loadable layout.
+    # policy.save_model writes the same loadable layout.
     again = tmp_path / "again"
-    common.save_model(loaded, loaded_proc, str(again))
-    reloaded, _ = common.load_policy(str(again), device="cpu")
+    policy.save_model(loaded, loaded_proc, str(again))
+    reloaded, _ = policy.load_policy(str(again), device="cpu")
     with torch.no_grad():
         assert torch.equal(reloaded.eval()(**batch).logits, ref)
 
@@ -97,7 +101,7 @@ def _multi_image_texts(processor):
 
 
 def test_toy_processor_tensors(tiny_model_dir):
-    processor = common.load_processor(tiny_model_dir)
+    processor = policy.load_processor(tiny_model_dir)
     texts, images = _multi_image_texts(processor)
     batch = processor(text=texts, images=images, padding=True, return_tensors="pt", padding_side="left")
     assert set(batch.keys()) == {"input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids"}
@@ -124,7 +128,7 @@ def test_toy_processor_matches_official_qwen2_5_vl_processor(tiny_model_dir):
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
-    toy_proc = common.load_processor(tiny_model_dir)
+    toy_proc = policy.load_processor(tiny_model_dir)
     official = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor.from_pretrained(tiny_model_dir),
                                    tokenizer=toy_proc.tokenizer, video_processor=Qwen2VLVideoProcessor(),
                                    chat_template=toy_proc.chat_template)
@@ -152,9 +156,9 @@ def test_toy_processor_matches_official_qwen2_5_vl_processor(tiny_model_dir):
     # The helpers the scripts use, with toy images, a picture that must be resized, and no image.
     probs = _one_per_family(("count", "add", "bar"))
     qs, ims = [p["question"] for p in probs] + ["Describe.", "What is 1 + 1?"], [p["image"] for p in probs] + [_gradient_image(100, 70), None]
-    same(common.encode_prompts(toy_proc, qs, ims, PLAIN), common.encode_prompts(official, qs, ims, PLAIN), ims[:-1])
+    same(dataset.encode_prompts(toy_proc, qs, ims, PLAIN), dataset.encode_prompts(official, qs, ims, PLAIN), ims[:-1])
     targets = ["<think>a</think>\n<answer>1</answer>"] * len(qs)
-    same(common.encode_sft(toy_proc, qs, ims, targets, PLAIN), common.encode_sft(official, qs, ims, targets, PLAIN), ims[:-1])
+    same(dataset.encode_sft(toy_proc, qs, ims, targets, PLAIN), dataset.encode_sft(official, qs, ims, targets, PLAIN), ims[:-1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,19 +176,19 @@ def test_completion_mask_stops_at_first_eos_even_when_pad_is_eos():
 
 
 def test_batched_left_padded_greedy_equals_one_by_one(base_model_dir):
-    model, processor = common.load_policy(base_model_dir, device="cpu")
+    model, processor = policy.load_policy(base_model_dir, device="cpu")
     model.eval()
     probs = _one_per_family(("count", "compare", "bar"))
     questions = [p["question"] for p in probs] + ["What is 2 + 3?"]  # and a text-only prompt in the same batch
     images = [p["image"] for p in probs] + [None]
-    batch = common.encode_prompts(processor, questions, images, PLAIN)
+    batch = dataset.encode_prompts(processor, questions, images, PLAIN)
     assert len(set(batch["attention_mask"].sum(1).tolist())) == len(questions)  # all lengths differ: real padding
 
     # The next-token distribution does not depend on the padding around a prompt.
     with torch.no_grad():
         batched_logits = model(**batch).logits[:, -1]
         for i in range(len(questions)):
-            single = common.encode_prompts(processor, questions[i:i + 1], images[i:i + 1], PLAIN)
+            single = dataset.encode_prompts(processor, questions[i:i + 1], images[i:i + 1], PLAIN)
             torch.testing.assert_close(batched_logits[i], model(**single).logits[0, -1], atol=1e-4, rtol=1e-4)
 
     eos = common.eos_token_ids(processor)
@@ -192,7 +196,7 @@ def test_batched_left_padded_greedy_equals_one_by_one(base_model_dir):
     assert ids.shape[0] == len(questions) and mask.shape == ids.shape
     assert any("<think>" in t for t in texts), texts  # the base model writes real text
     for i in range(len(questions)):
-        single = common.encode_prompts(processor, questions[i:i + 1], images[i:i + 1], PLAIN)
+        single = dataset.encode_prompts(processor, questions[i:i + 1], images[i:i + 1], PLAIN)
         ids1, mask1, texts1 = common.generate(model, processor, single, max_new_tokens=24)
         n, n1 = int(mask[i].sum()), int(mask1[0].sum())
         assert n == n1 and torch.equal(ids[i, :n], ids1[0, :n1]), (i, texts[i], texts1[0])
@@ -208,11 +212,11 @@ def test_batched_left_padded_greedy_equals_one_by_one(base_model_dir):
 
 @pytest.mark.parametrize("freeze_vision", [False, True])
 def test_sft_forward_loss_and_vision_gradients(tiny_model_dir, freeze_vision):
-    model, processor = common.load_policy(tiny_model_dir, device="cpu", freeze_vision=freeze_vision)
+    model, processor = policy.load_policy(tiny_model_dir, device="cpu", freeze_vision=freeze_vision)
     model.train()
     probs = _one_per_family(("count", "add"))
     targets = [toy.cot_response(p) for p in probs]
-    batch = common.encode_sft(processor, [p["question"] for p in probs], [p["image"] for p in probs], targets, PLAIN)
+    batch = dataset.encode_sft(processor, [p["question"] for p in probs], [p["image"] for p in probs], targets, PLAIN)
     assert batch["pixel_values"].shape[0] == 2 * 64
     # Labels cover exactly the assistant target plus the end-of-turn token (Eq. 1).
     for row, target in zip(batch["labels"], targets):
@@ -236,10 +240,10 @@ def test_sft_forward_loss_and_vision_gradients(tiny_model_dir, freeze_vision):
 
 def test_4bit_lora_train_generate_train_on_cpu(tiny_model_dir):
     bnb = pytest.importorskip("bitsandbytes")
-    frozen, _ = common.load_policy(tiny_model_dir, load_in_4bit=True, device="cpu")  # inference: no adapters
+    frozen, _ = policy.load_policy(tiny_model_dir, load_in_4bit=True, device="cpu")  # inference: no adapters
     assert not hasattr(frozen, "peft_config") and not any(p.requires_grad for p in frozen.parameters())
     del frozen
-    model, processor = common.load_policy(tiny_model_dir, load_in_4bit=True, lora_r=16, device="cpu")
+    model, processor = policy.load_policy(tiny_model_dir, load_in_4bit=True, lora_r=16, device="cpu")
     base = model.get_base_model()
     quantised = [n for n, m in base.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert quantised and all("language_model" in n for n in quantised)  # vision tower and lm_head stay full
@@ -252,7 +256,7 @@ def test_4bit_lora_train_generate_train_on_cpu(tiny_model_dir):
 
     probs = _one_per_family(("count", "add"))
     qs, ims = [p["question"] for p in probs], [p["image"] for p in probs]
-    batch = common.encode_sft(processor, qs, ims, [toy.cot_response(p) for p in probs], PLAIN)
+    batch = dataset.encode_sft(processor, qs, ims, [toy.cot_response(p) for p in probs], PLAIN)
     opt = torch.optim.AdamW(trainable.values(), lr=1e-2)
     before = {n: p.detach().clone() for n, p in trainable.items()}
 
@@ -270,9 +274,9 @@ def test_4bit_lora_train_generate_train_on_cpu(tiny_model_dir):
     # An eval-mode forward (generation) between two training steps: on avx512_bf16 CPUs bitsandbytes
     # repacks the 4-bit weights here and the next backward used to fail.
     model.eval()
-    ids, mask, texts = common.generate(model, processor, common.encode_prompts(processor, qs, ims, PLAIN), max_new_tokens=4)
+    ids, mask, texts = common.generate(model, processor, dataset.encode_prompts(processor, qs, ims, PLAIN), max_new_tokens=4)
     assert ids.shape == (2, 4) and len(texts) == 2
-    for m in model.modules():  # ...because common.load_policy turns that repacking off
+    for m in model.modules():  # ...because policy.load_policy turns that repacking off
         if isinstance(m, bnb.nn.Linear4bit):
             assert not m.support_avx512bf16_for_cpu
             assert not getattr(m.weight.quant_state, "packing_format_for_cpu", False)
@@ -304,17 +308,17 @@ class DemoArgs:
 
 def test_parse_args_help_from_docstrings_and_types(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")  # one help line per option
-    assert common.parse_args(DemoArgs, []) == DemoArgs()
-    args = common.parse_args(DemoArgs, ["--steps", "7", "--lr", "1e-3", "--name", "x", "--resume", "--no-eval_first",
+    assert cli.parse_args(DemoArgs, []) == DemoArgs()
+    args = cli.parse_args(DemoArgs, ["--steps", "7", "--lr", "1e-3", "--name", "x", "--resume", "--no-eval_first",
                                         "--adapter", "runs/a"])
     assert args == DemoArgs(steps=7, lr=1e-3, name="x", resume=True, eval_first=False, adapter="runs/a")
     assert isinstance(args.steps, int) and isinstance(args.lr, float)
-    assert common.parse_args(DemoArgs, ["--adapter", "none"]).adapter is None
+    assert cli.parse_args(DemoArgs, ["--adapter", "none"]).adapter is None
     with pytest.raises(SystemExit):
-        common.parse_args(DemoArgs, ["--steps", "many"])
+        cli.parse_args(DemoArgs, ["--steps", "many"])
     capsys.readouterr()
     with pytest.raises(SystemExit):
-        common.parse_args(DemoArgs, ["--help"])
+        cli.parse_args(DemoArgs, ["--help"])
     help_text = capsys.readouterr().out
     for text in ("A demo stage.", "optimizer steps to run", "(cosine, 5% warm-up)", "continue from the last checkpoint",
                  "--resume, --no-resume", "--eval_first, --no-eval_first", "LoRA adapter directory"):
@@ -323,16 +327,16 @@ def test_parse_args_help_from_docstrings_and_types(capsys, monkeypatch):
     # when the script runs as __main__.)
     stage0 = load_script("00_base_model")
     monkeypatch.setitem(sys.modules, stage0.__name__, stage0)
-    assert common.parse_args(stage0.Args, ["--steps", "5", "--lr", "0.01"]) == stage0.Args(steps=5, lr=0.01)
+    assert cli.parse_args(stage0.Args, ["--steps", "5", "--lr", "0.01"]) == stage0.Args(steps=5, lr=0.01)
     with pytest.raises(SystemExit):
-        common.parse_args(stage0.Args, ["--help"])
+        cli.parse_args(stage0.Args, ["--help"])
     assert "toy test problems for the accuracy report" in capsys.readouterr().out
-    # Fields inherited from common.DataArgs (03's data columns) keep their help lines.
+    # Fields inherited from dataset.DataArgs (03's data columns) keep their help lines.
     stage3 = load_script("03_grpo")
     monkeypatch.setitem(sys.modules, stage3.__name__, stage3)
-    assert common.parse_args(stage3.Args, ["--question_column", "q"]).question_column == "q"
+    assert cli.parse_args(stage3.Args, ["--question_column", "q"]).question_column == "q"
     with pytest.raises(SystemExit):
-        common.parse_args(stage3.Args, ["--help"])
+        cli.parse_args(stage3.Args, ["--help"])
     assert "column with the question text" in capsys.readouterr().out
 
 
@@ -342,14 +346,14 @@ def test_save_final_casts_a_full_model_to_the_asked_dtype(tiny_model_dir, tmp_pa
 
     accelerator = Accelerator(cpu=True)
     for name, dtype in (("auto", "F32"), ("bfloat16", "BF16")):  # auto on a CPU (no autocast): as trained
-        model, processor = common.load_policy(tiny_model_dir, device="cpu")
-        common.save_final(accelerator, model, processor, str(tmp_path / name), dtype=name)
+        model, processor = policy.load_policy(tiny_model_dir, device="cpu")
+        training.save_final(accelerator, model, processor, str(tmp_path / name), dtype=name)
         with safe_open(str(tmp_path / name / "model.safetensors"), "pt") as f:
             assert {f.get_slice(k).get_dtype() for k in f.keys()} == {dtype}
-        reloaded, _ = common.load_policy(str(tmp_path / name), device="cpu")  # CPU: loads as fp32 again
+        reloaded, _ = policy.load_policy(str(tmp_path / name), device="cpu")  # CPU: loads as fp32 again
         assert next(reloaded.parameters()).dtype == torch.float32
     with pytest.raises(ValueError, match="--save_dtype must be one of"):
-        common.check_save_dtype("bf16")
+        training.check_save_dtype("bf16")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -367,26 +371,31 @@ def test_base_model_stage_outputs(base_model_dir):
     assert all(0.0 <= v <= 1.0 for v in acc.values())
     steps = result["steps"]
     assert steps >= 20 and result["parameters"] > 0
-    log = common.read_jsonl(os.path.join(base_model_dir, "train_log.jsonl"))
+    log = dataset.read_jsonl(os.path.join(base_model_dir, "train_log.jsonl"))
     assert [r["step"] for r in log] == list(range(steps))
     assert all(math.isfinite(r["loss"]) for r in log)
     assert sum(r["loss"] for r in log[-10:]) < sum(r["loss"] for r in log[:10])  # it learned something
 
 
 def _checkpoint_at_step_1(tmp_path):
-    """A tiny model, optimizer and scheduler (as save_training_state's keywords), saved at step 1."""
+    """A tiny model and optimizer prepared by accelerate, and a scheduler, saved at step 1 (as 02 and 03 do)."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    training.keep_trainable_in_checkpoints(accelerator)
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
-    state = dict(model=model, optimizer=opt, scheduler=common.cosine_schedule(opt, 1, 10))
+    scheduler = training.cosine_schedule(opt, 1, 10)
+    model, opt = accelerator.prepare(model, opt)
     path = str(tmp_path / "checkpoint")
-    common.save_training_state(path, step=1, **state)
-    return state, path
+    training.save_checkpoint(accelerator, path, scheduler=scheduler, step=1)
+    return dict(accelerator=accelerator, model=model, scheduler=scheduler), path
 
 
 def test_training_state_survives_a_crash_while_saving(tmp_path, monkeypatch):
     """A crash while a checkpoint is written leaves the previous one whole and loadable."""
     state, path = _checkpoint_at_step_1(tmp_path)
-    model = state["model"]
+    accelerator, model, scheduler = state["accelerator"], state["model"], state["scheduler"]
     saved = model.weight.detach().clone()
     with torch.no_grad():
         model.weight.add_(1.0)
@@ -396,14 +405,15 @@ def test_training_state_survives_a_crash_while_saving(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError):
-        common.save_training_state(path, step=2, **state)
+        training.save_checkpoint(accelerator, path, scheduler=scheduler, step=2)
     monkeypatch.undo()
-    step, _ = common.load_training_state(path, **state)
+    step, _ = training.load_checkpoint(accelerator, path, scheduler=scheduler)
     assert step == 1 and torch.equal(model.weight, saved)
 
 
 def test_a_crash_inside_the_swap_leaves_the_old_checkpoint_findable(tmp_path, monkeypatch):
     state, path = _checkpoint_at_step_1(tmp_path)
+    accelerator, scheduler = state["accelerator"], state["scheduler"]
     real_replace, calls = os.replace, []
 
     def replace(src, dst):  # the first rename (old checkpoint aside) happens; the process dies before the second
@@ -414,7 +424,7 @@ def test_a_crash_inside_the_swap_leaves_the_old_checkpoint_findable(tmp_path, mo
 
     monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(KeyboardInterrupt):
-        common.save_training_state(path, step=2, **state)
+        training.save_checkpoint(accelerator, path, scheduler=scheduler, step=2)
     monkeypatch.undo()
-    assert not os.path.exists(path) and common.find_checkpoint(path) == path + ".old"
-    assert common.load_training_state(path + ".old", **state)[0] == 1
+    assert not os.path.exists(path) and training.find_checkpoint(path) == path + ".old"
+    assert training.load_checkpoint(accelerator, path + ".old", scheduler=scheduler)[0] == 1

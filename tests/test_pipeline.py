@@ -8,7 +8,7 @@ from html.parser import HTMLParser
 
 import datasets
 
-import common
+import dataset
 import toy
 from conftest import load_script
 
@@ -43,7 +43,7 @@ def test_whole_pipeline_small_budget(base_model_dir, tmp_path):
     # 01: reflection data (the base model comes from 00 via the session fixture), and both baselines' SFT sets
     reflect.main(reflect.Args(model=base_model_dir, out_dir=str(out / "reflect"), pool_size=40, num_samples=20,
                               batch_size=20, max_new_tokens=32))
-    rows = common.read_jsonl(out / "reflect" / "sft_reflect.jsonl")
+    rows = dataset.read_jsonl(out / "reflect" / "sft_reflect.jsonl")
     assert len(rows) == 20 and all(r["prompt_style"] == "reflect" for r in rows)
     assert all("<reflection>Check: " in r["response"] and r["response"].endswith(f"<answer>{r['answer']}</answer>")
                for r in rows)
@@ -51,15 +51,16 @@ def test_whole_pipeline_small_budget(base_model_dir, tmp_path):
     assert len(ds) == 20 and all(os.path.exists(out / "reflect" / p) for p in ds["image"])
     stats = json.loads((out / "reflect" / "stats.json").read_text())
     assert stats["pool"] == 40 and stats["reflections"] == 20 and stats["scratchpad"] == stats["cot"] == 20
-    scratch = common.read_jsonl(out / "reflect" / "sft_scratchpad.jsonl")
+    scratch = dataset.read_jsonl(out / "reflect" / "sft_scratchpad.jsonl")
     assert {r["id"] for r in scratch} == {r["id"] for r in rows} and all(r["prompt_style"] == "plain" for r in scratch)
 
     # 02: reflection SFT, plain-CoT SFT and the scratchpad SFT
-    for data, name in (("sft_reflect.jsonl", "sft"), ("sft_cot.jsonl", "sft_cot"), ("sft_scratchpad.jsonl", "sft_scratchpad")):
-        sft.main(sft.Args(model=base_model_dir, data=str(out / "reflect" / data), out_dir=str(out / name),
+    for sft_file, name in (("sft_reflect.jsonl", "sft"), ("sft_cot.jsonl", "sft_cot"),
+                           ("sft_scratchpad.jsonl", "sft_scratchpad")):
+        sft.main(sft.Args(model=base_model_dir, data=str(out / "reflect" / sft_file), out_dir=str(out / name),
                           max_steps=2, batch_size=4, eval_size=0, save_every=0))
         assert (out / name / "model.safetensors").exists() and (out / name / "loss.png").exists()
-        assert len(common.read_jsonl(out / name / "metrics.jsonl")) == 2
+        assert len(dataset.read_jsonl(out / name / "metrics.jsonl")) == 2
 
     # 03: SRPO from the reflection-SFT model, plain GRPO from the other two
     runs = out / "runs"
@@ -82,7 +83,7 @@ def test_whole_pipeline_small_budget(base_model_dir, tmp_path):
     diff = comparison["srpo"]["paired"]["base"]["difference"]
     assert abs(diff - (comparison["srpo"]["final_accuracy"] - comparison["base"]["final_accuracy"])) < 1e-3
     assert (out / "demo" / "toy-test" / "comparison.png").exists()
-    items = common.read_jsonl(out / "demo" / "toy-test" / "srpo" / "items.jsonl")
+    items = dataset.read_jsonl(out / "demo" / "toy-test" / "srpo" / "items.jsonl")
     assert {i["id"] for i in items} == {f"toy-{toy.TEST_SEED_OFFSET + 8 + k}" for k in range(8)}  # --seed 1: the next 8
 
     # report.html: one self-contained page
@@ -107,7 +108,7 @@ def test_dots_task_still_runs_end_to_end(tmp_path):
     stats = reflect.main(reflect.Args(data="toy-dots", model=str(out / "base"), out_dir=str(out / "reflect"),
                                       pool_size=16, num_samples=8, batch_size=16, max_new_tokens=24, fill_from_other=True))
     assert stats["scratchpad"] == 0 and not (out / "reflect" / "sft_scratchpad.jsonl").exists()
-    rows = common.read_jsonl(out / "reflect" / "sft_cot.jsonl")
+    rows = dataset.read_jsonl(out / "reflect" / "sft_cot.jsonl")
     assert rows and all(r["id"].startswith("dots-") for r in rows)
     sft.main(sft.Args(model=str(out / "base"), data=str(out / "reflect" / "sft_cot.jsonl"), out_dir=str(out / "sft"),
                       max_steps=1, batch_size=2, eval_size=4, eval_max_new_tokens=16, save_every=0))
@@ -119,5 +120,5 @@ def test_dots_task_still_runs_end_to_end(tmp_path):
     summaries = evaluate.main(evaluate.Args(benchmark="toy-dots", model=str(out / "grpo"), prompt="plain", limit=4,
                                             out_dir=str(out / "eval"), max_new_tokens=16))
     assert set(summaries["grpo"]["categories"]) <= set(toy.DOTS_FAMILIES)
-    assert {r["id"] for r in common.read_jsonl(out / "eval" / "toy-dots-test" / "grpo-plain" / "items.jsonl")} == \
+    assert {r["id"] for r in dataset.read_jsonl(out / "eval" / "toy-dots-test" / "grpo-plain" / "items.jsonl")} == \
         {f"dots-{toy.TEST_SEED_OFFSET + k}" for k in range(4)}

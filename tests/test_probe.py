@@ -3,10 +3,12 @@
 import json
 
 import common
+import dataset
+import policy
 import toy
 from conftest import load_script
 
-probe = load_script("probe_confidence")
+probe = load_script("probe/probe_confidence")
 
 
 def test_auc():
@@ -34,10 +36,10 @@ def test_reread_replaces_only_values_below_the_threshold():
 
 def test_read_probabilities_are_the_greedy_choices(base_model_dir):
     """Under greedy decoding the value written is the likeliest digit: the probe must find that token."""
-    model, processor = common.load_policy(base_model_dir)
+    model, processor = policy.load_policy(base_model_dir)
     test = toy.toy_dataset("test", 12)
     problems = [test[i] for i in range(12)]
-    system = common.SYSTEM_PROMPTS["plain"]
+    system = dataset.SYSTEM_PROMPTS["plain"]
     responses = common.generate_responses(model, processor, test["question"], test["image"], system_prompt=system,
                                           max_new_tokens=48, batch_size=12)
     reads = probe.read_probabilities(model, processor, problems, responses, system)
@@ -50,7 +52,7 @@ def test_read_probabilities_are_the_greedy_choices(base_model_dir):
 
 def test_read_probabilities_find_the_value_tokens(tiny_model_dir):
     """Hand-written responses: only "colour: N." in the first <think> counts, each at its own token."""
-    model, processor = common.load_policy(tiny_model_dir)
+    model, processor = policy.load_policy(tiny_model_dir)
     tok = processor.tokenizer
     responses = ["<think> red: 3 blue: 2.</think>\n<answer>5</answer>",  # "red: 3" lacks its full stop
                  "<think> total: 3. green: 4. 4 + 0 = 4.</think>\n<answer>4</answer>",  # not a colour
@@ -58,7 +60,7 @@ def test_read_probabilities_find_the_value_tokens(tiny_model_dir):
                  "<think> red: 3. blue: 2. 3 + 2 = 5. blue: 4.",  # no </think>: no first think
                  "<think> red: 1.</think>\n<answer>1</answer>\n<reflection>red: 2.</reflection>"]
     problems = [toy.make_problem(s, "toy-dots") for s in range(len(responses))]
-    reads = probe.read_probabilities(model, processor, problems, responses, common.SYSTEM_PROMPTS["plain"])
+    reads = probe.read_probabilities(model, processor, problems, responses, dataset.SYSTEM_PROMPTS["plain"])
     assert [[(r["colour"], r["value"]) for r in row] for row in reads][:2] == [[("blue", 2)], [("green", 4)]]
     assert ("blue", 1) in [(r["colour"], r["value"]) for r in reads[2]] and reads[3] == []
     assert [(r["colour"], r["value"]) for r in reads[4]] == [("red", 1)]

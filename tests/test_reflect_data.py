@@ -16,8 +16,8 @@ import pytest
 import torch
 from conftest import ROOT, load_script
 
-import common
-import rewards
+import dataset
+import grading
 import toy
 
 rd = load_script("01_reflect_data")
@@ -91,12 +91,12 @@ def test_select_says_when_pool_cannot_supply_mix():
 
 def test_repair_jsonl_cuts_torn_line(tmp_path):
     path = str(tmp_path / "a.jsonl")
-    common.append_jsonl(path, {"id": "a"})
+    dataset.append_jsonl(path, {"id": "a"})
     with open(path, "a") as f:
         f.write('{"id": "b", "resp')  # killed mid-write
     rd.repair_jsonl(path)
-    common.append_jsonl(path, {"id": "c"})
-    assert [r["id"] for r in common.read_jsonl(path)] == ["a", "c"]
+    dataset.append_jsonl(path, {"id": "c"})
+    assert [r["id"] for r in dataset.read_jsonl(path)] == ["a", "c"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,21 +238,21 @@ def test_oracle_end_to_end(reference, base_model_dir, capsys):
     out, stats = reference
     assert stats["pool"] == stats["answered"] == 96 and stats["skipped"] == 0
     assert stats["correct"] + stats["incorrect"] == 96 and stats["teacher_failures"] == 0
-    usable = sum(a["well_formed"] for a in common.read_jsonl(os.path.join(out, "answers.jsonl")))
+    usable = sum(a["well_formed"] for a in dataset.read_jsonl(os.path.join(out, "answers.jsonl")))
     assert stats["selected"] == stats["reflections"] == stats["cot"] == min(24, usable) > 0
     ds = datasets.load_dataset("json", data_files=os.path.join(out, "sft_reflect.jsonl"), split="train")
     assert len(ds) == stats["selected"] and len(set(ds["id"])) == len(ds)
-    policy = {a["id"]: a["response"] for a in common.read_jsonl(os.path.join(out, "answers.jsonl"))}
+    policy = {a["id"]: a["response"] for a in dataset.read_jsonl(os.path.join(out, "answers.jsonl"))}
     for row in ds:
-        p = rewards.parse_response(row["response"])
+        p = grading.parse_response(row["response"])
         assert p["layout"] == ("think", "answer", "reflection", "answer") and p["answer2"] == row["answer"]
         # The first attempt is the policy's own text, byte for byte ("<think> red" must not become
         # "<think>red": a different token than the policy writes).
         assert row["response"].startswith(policy[row["id"]].strip() + "\n<reflection>")
         assert row["response"].count("\n") == 3 and row["prompt_style"] == "reflect"
-        assert rewards.is_correct(p["answer1"], row["answer"], row["choices"] or None) == row["first_correct"]
+        assert grading.is_correct(p["answer1"], row["answer"], row["choices"] or None) == row["first_correct"]
         assert os.path.isfile(os.path.join(out, row["image"]))
-    cot = common.read_jsonl(os.path.join(out, "sft_cot.jsonl"))
+    cot = dataset.read_jsonl(os.path.join(out, "sft_cot.jsonl"))
     assert {r["id"] for r in cot} == set(ds["id"]) and all(r["prompt_style"] == "plain" for r in cot)
     assert all(r["response"] == toy.cot_response(toy.make_problem(int(r["id"].split("-")[1]))) for r in cot)
     saved = json.load(open(os.path.join(out, "stats.json")))
@@ -262,7 +262,7 @@ def test_oracle_end_to_end(reference, base_model_dir, capsys):
     again = run_main(small_args("/nonexistent/model", out))
     assert {k: again[k] for k in ("answered", "selected", "reflections", "cot")} == \
         {k: stats[k] for k in ("answered", "selected", "reflections", "cot")}
-    assert len(common.read_jsonl(os.path.join(out, "sft_reflect.jsonl"))) == stats["selected"]
+    assert len(dataset.read_jsonl(os.path.join(out, "sft_reflect.jsonl"))) == stats["selected"]
     assert "selected" in capsys.readouterr().out
 
 
@@ -281,7 +281,7 @@ def test_openai_end_to_end_counts_failures_and_never_leaks_key(reference, server
     n = len(server.requests)
     stats = run_main(args)
     assert stats["teacher_failures"] == 0 and len(server.requests) == n + 2
-    rows = common.read_jsonl(os.path.join(out, "sft_reflect.jsonl"))
+    rows = dataset.read_jsonl(os.path.join(out, "sft_reflect.jsonl"))
     assert len(rows) == len({r["id"] for r in rows}) == stats["selected"]
     captured = capsys.readouterr()
     assert "teacher failed on" in captured.out + captured.err and "***" in captured.out + captured.err
@@ -318,14 +318,14 @@ def test_kill_during_policy_answers_then_resume(reference, base_model_dir, tmp_p
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert hit and proc.returncode == -signal.SIGKILL
-    n_before = len(common.read_jsonl(os.path.join(out, "answers.jsonl")))
+    n_before = len(dataset.read_jsonl(os.path.join(out, "answers.jsonl")))
     assert 20 <= n_before < 96 and not os.path.exists(os.path.join(out, "sft_reflect.jsonl"))
     run_main(small_args(base_model_dir, out))  # the rerun (in this process: quicker than a second subprocess)
 
     # Nothing duplicated or lost, and the same answers as the uninterrupted run (per-batch seeds).
     for name in ("answers.jsonl", "sft_reflect.jsonl", "sft_cot.jsonl"):
-        rows = common.read_jsonl(os.path.join(out, name))
-        ref = common.read_jsonl(os.path.join(reference[0], name))
+        rows = dataset.read_jsonl(os.path.join(out, name))
+        ref = dataset.read_jsonl(os.path.join(reference[0], name))
         assert len(rows) == len({r["id"] for r in rows}) == len(ref), name
         assert sorted(rows, key=lambda r: r["id"]) == sorted(ref, key=lambda r: r["id"]), name
 
@@ -344,13 +344,13 @@ def test_ctrl_c_during_teacher_then_resume(reference, server, tmp_path):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert hit and proc.returncode == 1 and b"rerun the same command to resume" in err
-    n_before = len(common.read_jsonl(os.path.join(out, "sft_reflect.jsonl")))
+    n_before = len(dataset.read_jsonl(os.path.join(out, "sft_reflect.jsonl")))
     selected = reference[1]["selected"]
     assert 4 <= n_before < selected
     server.default, asked = "ok", len(server.requests)
     run_main(small_args("/unused", out, teacher="openai", base_url=server.url, concurrency=2, timeout_s=5))
-    rows = common.read_jsonl(os.path.join(out, "sft_reflect.jsonl"))
-    ref = common.read_jsonl(os.path.join(reference[0], "sft_reflect.jsonl"))
+    rows = dataset.read_jsonl(os.path.join(out, "sft_reflect.jsonl"))
+    ref = dataset.read_jsonl(os.path.join(reference[0], "sft_reflect.jsonl"))
     assert len(rows) == len({r["id"] for r in rows}) == selected
     assert {r["id"] for r in rows} == {r["id"] for r in ref}
     assert len(server.requests) - asked == selected - n_before  # finished items were not asked again
@@ -384,7 +384,7 @@ def test_bad_rows_are_reported_and_skipped(local_jsonl, base_model_dir, tmp_path
     out = tmp_path / "bad"
     stats = run_main(small_args(base_model_dir, out, data=local_jsonl, num_samples=4))
     assert stats["pool"] == 11 and stats["answered"] == 6 and stats["skipped"] == 5
-    skipped = {r["id"]: r["reason"] for r in common.read_jsonl(str(out / "skipped.jsonl"))}
+    skipped = {r["id"]: r["reason"] for r in dataset.read_jsonl(str(out / "skipped.jsonl"))}
     assert skipped == {"no-file": "missing image", "no-image": "missing image", "broken": "unreadable image",
                        "no-question": "empty question", "bad-gold": "gold is not a letter or a number"}
     printed = capsys.readouterr()

@@ -1,4 +1,4 @@
-"""Unit and property tests for rewards.py: parsing, grading and the three reward variants."""
+"""Unit and property tests for grading.py (parsing, grading) and rewards.py (the three reward variants)."""
 
 import json
 import math
@@ -10,10 +10,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import grading as G
 import rewards as R
 
 SHARED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
-count = R.default_count_tokens
+count = G.default_count_tokens
 THINK1 = " ".join(f"step{i}" for i in range(60))  # long enough that padding can hit T_target
 MC4 = ["35°", "145°", "55°", "25°"]  # MathVista-style options; gold "B" or "145°"
 
@@ -49,79 +50,79 @@ def components_sum(r):
 def test_parse_rl_layout():
     text = ("<think>a</think> <answer>\\boxed{3}</answer> <reflection>wrong sum</reflection> "
             "<think>b</think> <answer>\\boxed{4}</answer>")
-    p = R.parse_response(text)
+    p = G.parse_response(text)
     assert (p["think1"], p["answer1"], p["reflection"], p["think2"], p["answer2"]) == \
         ("a", "\\boxed{3}", "wrong sum", "b", "\\boxed{4}")
     assert p["layout"] == R.PAPER_LAYOUTS[0]
-    assert R.first_answer(text) == "3" and R.extract_answer(text) == "4"
+    assert G.first_answer(text) == "3" and G.extract_answer(text) == "4"
 
 
 def test_parse_sft_layout_has_no_second_think():
     text = "<think>\n3+4=8\n</think>\n<answer>8</answer>\n<reflection>3+4 is 7</reflection>\n<answer>7</answer>\n"
-    p = R.parse_response(text)
+    p = G.parse_response(text)
     assert p["think2"] is None and p["answer1"] == "8" and p["answer2"] == "7"
     assert p["think1"] == "3+4=8"  # stripped
     assert p["layout"] == R.PAPER_LAYOUTS[1]
 
 
 def test_parse_missing_and_extra():
-    p = R.parse_response("Sure! <think>x</think><answer>5</answer> Hope this helps.")
+    p = G.parse_response("Sure! <think>x</think><answer>5</answer> Hope this helps.")
     assert p["answer1"] == "5" and p["reflection"] is None and p["answer2"] is None
     assert p["layout"] is None  # text outside the blocks
-    p = R.parse_response("<think>x</think><answer>5")  # truncated: no closed answer
+    p = G.parse_response("<think>x</think><answer>5")  # truncated: no closed answer
     assert p["answer1"] is None and p["answers"] == []
-    p = R.parse_response("")
+    p = G.parse_response("")
     assert all(p[k] is None for k in ("think1", "answer1", "reflection", "think2", "answer2"))
     # two attempts without a reflection: the later answer is the second one
-    p = R.parse_response("<think>a</think><answer>1</answer><think>b</think><answer>2</answer>")
+    p = G.parse_response("<think>a</think><answer>1</answer><think>b</think><answer>2</answer>")
     assert (p["answer1"], p["think2"], p["answer2"]) == ("1", "b", "2")
 
 
 def test_parse_tolerates_spaces_inside_tags():
     text = "< think >a</ think >\n<answer >7< /answer>\n<reflection>ok</reflection>\n<answer>7</answer>"
-    p = R.parse_response(text)
+    p = G.parse_response(text)
     assert (p["think1"], p["answer1"], p["answer2"], p["layout"]) == ("a", "7", "7", R.PAPER_LAYOUTS[1])
 
 
 def test_parse_nested_tags_are_not_flat():
-    p = R.parse_response("<think>x<answer>5</answer></think><answer>5</answer>")
+    p = G.parse_response("<think>x<answer>5</answer></think><answer>5</answer>")
     assert p["layout"] is None
     assert p["answers"] == ["5", "5"]
 
 
 def test_extract_boxed():
-    assert R.extract_boxed(r"\boxed{\frac{1}{2}}") == r"\frac{1}{2}"
-    assert R.extract_boxed(r"first \boxed{3} then \boxed{ 4 }") == "4"  # last one wins
-    assert R.extract_boxed(r"\boxed{\{1,2\}}") == r"\{1,2\}"  # escaped braces do not count
-    assert R.extract_boxed(r"\boxed{3} and \boxed{4") == "3"  # unbalanced one ignored
-    assert R.extract_boxed("no box") is None and R.extract_boxed(None) is None
-    assert R.extract_boxed(r"\boxed {x^{2}}") == "x^{2}"
+    assert G.extract_boxed(r"\boxed{\frac{1}{2}}") == r"\frac{1}{2}"
+    assert G.extract_boxed(r"first \boxed{3} then \boxed{ 4 }") == "4"  # last one wins
+    assert G.extract_boxed(r"\boxed{\{1,2\}}") == r"\{1,2\}"  # escaped braces do not count
+    assert G.extract_boxed(r"\boxed{3} and \boxed{4") == "3"  # unbalanced one ignored
+    assert G.extract_boxed("no box") is None and G.extract_boxed(None) is None
+    assert G.extract_boxed(r"\boxed {x^{2}}") == "x^{2}"
 
 
 def test_extract_answer_fallbacks():
-    assert R.extract_answer("<answer>7</answer>") == "7"
-    assert R.extract_answer(r"<answer>The result is \boxed{7}.</answer>") == "7"
-    assert R.extract_answer(r"so the answer is \boxed{12}") == "12"  # no answer block
-    assert R.extract_answer("the answer is 12") is None
-    assert R.extract_answer("<answer>3</answer><reflection>r</reflection><answer>4</answer>") == "4"
+    assert G.extract_answer("<answer>7</answer>") == "7"
+    assert G.extract_answer(r"<answer>The result is \boxed{7}.</answer>") == "7"
+    assert G.extract_answer(r"so the answer is \boxed{12}") == "12"  # no answer block
+    assert G.extract_answer("the answer is 12") is None
+    assert G.extract_answer("<answer>3</answer><reflection>r</reflection><answer>4</answer>") == "4"
 
 
 @pytest.mark.parametrize("text", ["B", "(B)", "B.", "b", "Option B", "The answer is B", "answer: (B)",
                                   "B. 145°", "(B) 145°", r"\text{B}", "**B**", "$B$", "I think the answer is B",
                                   "B. A triangle"])
 def test_choice_letter_single(text):
-    assert R.extract_choice_letter(text) == "B"
+    assert G.extract_choice_letter(text) == "B"
 
 
 @pytest.mark.parametrize("text", ["A B C D", "A, B, C or D", "(A)(B)(C)(D)", "A/B", "A and B", "A. 1 B. 2"])
 def test_choice_letter_several(text):
-    assert R.extract_choice_letter(text) is None
-    assert len(R.extract_choice_letters(text)) >= 2
+    assert G.extract_choice_letter(text) is None
+    assert len(G.extract_choice_letters(text)) >= 2
 
 
 def test_choice_letter_none():
-    assert R.extract_choice_letters("145°") == set()
-    assert R.extract_choice_letters("Both are equal") == set()
+    assert G.extract_choice_letters("145°") == set()
+    assert G.extract_choice_letters("Both are equal") == set()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,7 +140,7 @@ def test_choice_letter_none():
     (r"2\pi", r"2 \pi"), (r"\sqrt{8}", r"2\sqrt{2}"),
 ])
 def test_grading_equal(pred, gold):
-    assert R.is_correct(pred, gold)
+    assert G.is_correct(pred, gold)
 
 
 @pytest.mark.parametrize("pred,gold", [
@@ -148,30 +149,30 @@ def test_grading_equal(pred, gold):
     ("", "7"), (None, "7"), ("7", None), ("   ", "7"), ("7" * 2000, "7" * 2000),
 ])
 def test_grading_not_equal(pred, gold):
-    assert not R.is_correct(pred, gold)
+    assert not G.is_correct(pred, gold)
 
 
 def test_mathvista_multi_choice():
     for pred in ["B", "(B) 145°", "145", r"145^{\circ}", "145°", "The answer is B"]:
-        assert R.is_correct(pred, "145°", MC4), pred  # gold given as option text
-        assert R.is_correct(pred, "B", MC4), pred  # gold given as letter
+        assert G.is_correct(pred, "145°", MC4), pred  # gold given as option text
+        assert G.is_correct(pred, "B", MC4), pred  # gold given as letter
     for pred in ["A", "35°", "A, B", "A B C D", "35° or 145°", "E"]:
-        assert not R.is_correct(pred, "145°", MC4), pred
+        assert not G.is_correct(pred, "145°", MC4), pred
 
 
 def test_mathvision_letters_and_options():
-    assert R.is_correct("E", "E", ["A", "B", "C", "D", "E"])  # options drawn in the image
-    assert not R.is_correct("D", "E", ["A", "B", "C", "D", "E"])
+    assert G.is_correct("E", "E", ["A", "B", "C", "D", "E"])  # options drawn in the image
+    assert not G.is_correct("D", "E", ["A", "B", "C", "D", "E"])
     opts = ["$720^{\\circ}$", "$600^{\\circ}$", "$450^{\\circ}$", "$360^{\\circ}$", "$300^{\\circ}$"]
-    assert R.is_correct("720°", "A", opts) and not R.is_correct("600", "A", opts)
+    assert G.is_correct("720°", "A", opts) and not G.is_correct("600", "A", opts)
     opts = ["$3$", "$\\frac{3}{2}$", "$4$", "$5$", "$\\frac{5}{2}$"]
-    assert R.is_correct("2.5", "E", opts) and R.is_correct(r"\frac{5}{2}", "E", opts)
-    assert R.is_correct("(E)", "E", opts) and not R.is_correct("1.5", "E", opts)
-    assert R.is_correct(r"\frac{3}{4}", r"\frac{3}{4}") and R.is_correct("0.75", r"\frac{3}{4}")
-    assert R.is_correct("C", "C")  # a letter gold without options (MathVision has some)
+    assert G.is_correct("2.5", "E", opts) and G.is_correct(r"\frac{5}{2}", "E", opts)
+    assert G.is_correct("(E)", "E", opts) and not G.is_correct("1.5", "E", opts)
+    assert G.is_correct(r"\frac{3}{4}", r"\frac{3}{4}") and G.is_correct("0.75", r"\frac{3}{4}")
+    assert G.is_correct("C", "C")  # a letter gold without options (MathVision has some)
     opts = ["either A or B", "only C", "only D", "either C or D", "A, B, C or D"]
-    assert R.is_correct("A, B, C or D", "E", opts) and R.is_correct("E", "E", opts)
-    assert R.is_correct("only D", "C", opts) and not R.is_correct("either A or B", "C", opts)
+    assert G.is_correct("A, B, C or D", "E", opts) and G.is_correct("E", "E", opts)
+    assert G.is_correct("only D", "C", opts) and not G.is_correct("either A or B", "C", opts)
 
 
 def test_mathvision_testmini_answers():
@@ -182,31 +183,31 @@ def test_mathvision_testmini_answers():
         rows = [json.loads(line) for line in f]
     for row in rows:
         gold, options = row["answer"], row["options"] or None
-        assert R.is_correct(gold, gold, options), row["id"]
+        assert G.is_correct(gold, gold, options), row["id"]
         if options and gold in "ABCDE":
             i = "ABCDE".index(gold)
-            assert R.is_correct(f"The answer is ({gold})", gold, options), row["id"]
-            assert not R.is_correct("ABCDE"[(i + 1) % 5], gold, options), row["id"]
+            assert G.is_correct(f"The answer is ({gold})", gold, options), row["id"]
+            assert not G.is_correct("ABCDE"[(i + 1) % 5], gold, options), row["id"]
             if len(options[i]) > 1:
-                assert R.is_correct(options[i], gold, options), row["id"]
+                assert G.is_correct(options[i], gold, options), row["id"]
 
 
 def test_mmmu_pro_ten_options():
     opts = [f"option text {i}" for i in range(10)]
-    assert R.is_correct("J", "J", opts) and R.is_correct("(I)", "I", opts)
-    assert not R.is_correct("I", "J", opts)
-    assert not R.is_correct("A B C D E F G H I J", "J", opts)
-    assert not R.is_correct("K", "J", opts)  # not an option
-    assert R.is_correct("option text 9", "J", opts)
+    assert G.is_correct("J", "J", opts) and G.is_correct("(I)", "I", opts)
+    assert not G.is_correct("I", "J", opts)
+    assert not G.is_correct("A B C D E F G H I J", "J", opts)
+    assert not G.is_correct("K", "J", opts)  # not an option
+    assert G.is_correct("option text 9", "J", opts)
 
 
 def test_grading_is_safe_and_bounded(tmp_path):
     marker = tmp_path / "pwned"
-    assert not R.is_correct(f"__import__('pathlib').Path('{marker}').touch()", "7")
+    assert not G.is_correct(f"__import__('pathlib').Path('{marker}').touch()", "7")
     assert not marker.exists()  # model output is never executed
     t0 = time.perf_counter()
-    assert not R.is_correct(r"9^{9^{9^{9}}}", "7")  # would keep sympy busy
-    assert not R.is_correct("99999!", "7")
+    assert not G.is_correct(r"9^{9^{9^{9}}}", "7")  # would keep sympy busy
+    assert not G.is_correct("99999!", "7")
     assert time.perf_counter() - t0 < 0.5
 
 
@@ -214,12 +215,12 @@ def test_math_verify_time_budget(monkeypatch):
     # Timed per grading call: one call may run more than one budgeted math-verify comparison.
     for pred in ("((((((2))))))", r"\int_0^1 x^{100} e^x dx"):  # slow for the LaTeX parser; the budget cuts it
         t0 = time.perf_counter()
-        R.is_correct(pred, "7")
-        assert time.perf_counter() - t0 < 2 * R.MATH_VERIFY_BUDGET_S + 0.3, pred
-    monkeypatch.setattr(R, "MATH_VERIFY_BUDGET_S", 1e-6)
-    assert not R.is_correct(r"\sqrt{18}", r"3\sqrt{2}")  # out of time: not provably equal
+        G.is_correct(pred, "7")
+        assert time.perf_counter() - t0 < 2 * G.MATH_VERIFY_BUDGET_S + 0.3, pred
+    monkeypatch.setattr(G, "MATH_VERIFY_BUDGET_S", 1e-6)
+    assert not G.is_correct(r"\sqrt{18}", r"3\sqrt{2}")  # out of time: not provably equal
     monkeypatch.undo()
-    assert R.is_correct(r"\sqrt{18}", r"3\sqrt{2}")  # and the interrupted verdict was not cached
+    assert G.is_correct(r"\sqrt{18}", r"3\sqrt{2}")  # and the interrupted verdict was not cached
 
 
 def test_math_verify_budget_survives_a_swallowed_alarm(monkeypatch):
@@ -232,15 +233,15 @@ def test_math_verify_budget_survives_a_swallowed_alarm(monkeypatch):
             try:
                 while True:
                     pass
-            except R._OutOfTime:
+            except G._OutOfTime:
                 if swallowed:
                     raise
                 swallowed.append(1)  # the first alarm is lost, as in a weakref callback
 
-    monkeypatch.setattr(R, "_math_verify", stubborn)
+    monkeypatch.setattr(G, "_math_verify", stubborn)
     t0 = time.perf_counter()
-    assert R._symbolic_equal(r"\sqrt{18}", r"3\sqrt{2}") is False
-    assert swallowed and time.perf_counter() - t0 < R.MATH_VERIFY_BUDGET_S + 0.3
+    assert G._symbolic_equal(r"\sqrt{18}", r"3\sqrt{2}") is False
+    assert swallowed and time.perf_counter() - t0 < G.MATH_VERIFY_BUDGET_S + 0.3
     time.sleep(0.15)  # the repeating alarm is off again: nothing raises after the call
 
 
@@ -248,8 +249,8 @@ def test_grading_in_worker_thread():
     out = {}
 
     def work():  # math-verify's signal timeout only works in the main thread
-        out["ok"] = R.is_correct(r"\frac{\sqrt{3}}{3}", r"\sqrt{3}/3 + 0")
-        out["no"] = R.is_correct(r"\frac{\sqrt{5}}{3}", r"\sqrt{3}/3")
+        out["ok"] = G.is_correct(r"\frac{\sqrt{3}}{3}", r"\sqrt{3}/3 + 0")
+        out["no"] = G.is_correct(r"\frac{\sqrt{5}}{3}", r"\sqrt{3}/3")
 
     t = threading.Thread(target=work)
     t.start()
@@ -476,7 +477,7 @@ LONG = {
 
 @pytest.mark.parametrize("name", list(LONG))
 def test_long_inputs_are_fast(name):
-    R.is_correct("x^2", "x^2 + 0")  # warm math-verify up outside the timing
+    G.is_correct("x^2", "x^2 + 0")  # warm math-verify up outside the timing
     text = LONG[name]
     for variant in R.VARIANTS:
         t0 = time.perf_counter()
@@ -484,7 +485,7 @@ def test_long_inputs_are_fast(name):
         assert time.perf_counter() - t0 < 0.75, (name, variant)  # worst case: 2 x MATH_VERIFY_BUDGET_S
         assert 0.0 <= r["total"] <= HONEST_MAX[variant]
     t0 = time.perf_counter()
-    R.parse_response(text), R.extract_answer(text), R.extract_boxed(text)
+    G.parse_response(text), G.extract_answer(text), G.extract_boxed(text)
     assert time.perf_counter() - t0 < 0.5
 
 
@@ -525,31 +526,31 @@ def test_property_soup_never_beats_honest(text):
 @PROPS
 @given(st.text(max_size=300))
 def test_property_parsing_never_raises(text):
-    p = R.parse_response(text)
+    p = G.parse_response(text)
     assert set(p) >= {"think1", "answer1", "reflection", "think2", "answer2"}
-    boxed = R.extract_boxed(text)
+    boxed = G.extract_boxed(text)
     assert boxed is None or boxed in text
-    assert R.extract_answer(text) is None or isinstance(R.extract_answer(text), str)
-    assert isinstance(R.extract_choice_letters(text), set)
+    assert G.extract_answer(text) is None or isinstance(G.extract_answer(text), str)
+    assert isinstance(G.extract_choice_letters(text), set)
 
 
 @PROPS
 @given(st.text(max_size=80), st.one_of(st.text(max_size=20), st.sampled_from(["7", "B", "0.5", "145°"])),
        st.sampled_from([None, MC4, ["A", "B", "C", "D", "E"]]))
 def test_property_grading_never_raises(pred, gold, choices):
-    assert R.is_correct(pred, gold, choices) in (True, False)
+    assert G.is_correct(pred, gold, choices) in (True, False)
 
 
 @settings(max_examples=200, deadline=None, database=None)
 @given(st.integers(-10**6, 10**6), st.integers(-10**6, 10**6))
 def test_property_integers(a, b):
-    assert R.is_correct(str(a), str(b)) == (a == b)
-    assert not R.is_correct(str(a), str(a + 1))  # found by this test: 999999 matched 1000000
-    assert R.is_correct(f"{a:,}", str(a)) and R.is_correct(f"{a}.0", str(a))
+    assert G.is_correct(str(a), str(b)) == (a == b)
+    assert not G.is_correct(str(a), str(a + 1))  # found by this test: 999999 matched 1000000
+    assert G.is_correct(f"{a:,}", str(a)) and G.is_correct(f"{a}.0", str(a))
 
 
 @settings(max_examples=200, deadline=None, database=None)
 @given(st.integers(-999, 999), st.integers(1, 999))
 def test_property_fractions(n, d):
-    assert R.is_correct(rf"\frac{{{n}}}{{{d}}}", f"{n}/{d}")
-    assert R.is_correct(f"{n / d:.12f}", rf"\frac{{{n}}}{{{d}}}")
+    assert G.is_correct(rf"\frac{{{n}}}{{{d}}}", f"{n}/{d}")
+    assert G.is_correct(f"{n / d:.12f}", rf"\frac{{{n}}}{{{d}}}")

@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 import common
+import dataset
+import policy
 import toy
 from conftest import ROOT, load_script
 
@@ -69,7 +71,7 @@ def weights(path):
 
 
 def test_label_mask_covers_exactly_the_assistant_tokens(tiny_model_dir, sft_data):
-    processor = common.load_processor(tiny_model_dir)
+    processor = policy.load_processor(tiny_model_dir)
     tok = processor.tokenizer
     ds = sft.load_sft_data(sft_data)
     rows = ds.select([0, 3])  # two lengths, so the shorter row is padded
@@ -97,7 +99,7 @@ def test_label_mask_covers_exactly_the_assistant_tokens(tiny_model_dir, sft_data
 
 
 def test_bad_rows_name_file_row_and_field(tmp_path, sft_data):
-    rows = common.read_jsonl(sft_data)[:3]
+    rows = dataset.read_jsonl(sft_data)[:3]
     shutil.copytree(os.path.join(os.path.dirname(sft_data), "images"), tmp_path / "images")
 
     def write(rows, name):
@@ -127,7 +129,7 @@ def test_loss_falls_and_outputs_load_back(tiny_model_dir, sft_data, tmp_path):
     out = tmp_path / "sft"
     res = sft.main(tiny_args(tiny_model_dir, sft_data, out, batch_size=8, max_steps=12, eval_size=4,
                              eval_max_new_tokens=8))
-    rows = common.read_jsonl(out / "metrics.jsonl")
+    rows = dataset.read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 13))
     assert {"loss", "lr", "tokens", "seconds", "grad_norm"} <= set(rows[0])
     first, last = sum(r["loss"] for r in rows[:3]) / 3, sum(r["loss"] for r in rows[-3:]) / 3
@@ -136,8 +138,8 @@ def test_loss_falls_and_outputs_load_back(tiny_model_dir, sft_data, tmp_path):
     lrs = [r["lr"] for r in rows]
     assert lrs[:3] == pytest.approx([1.5e-3, 3e-3, 3e-3]) and 0 < lrs[-1] < lrs[6] < lrs[2]
     assert (out / "loss.png").stat().st_size > 0
-    assert {"before", "after", "rank_digests"} <= set(res) and len(common.read_jsonl(out / "eval_samples.jsonl")) == 8
-    model, _ = common.load_policy(str(out), device="cpu")  # 03/04 load it as-is
+    assert {"before", "after", "rank_digests"} <= set(res) and len(dataset.read_jsonl(out / "eval_samples.jsonl")) == 8
+    model, _ = policy.load_policy(str(out), device="cpu")  # 03/04 load it as-is
     saved = weights(str(out))
     assert torch.equal(model.model.language_model.embed_tokens.weight, saved["model.embed_tokens.weight"])
     # the vision tower and projector are frozen by default; the language model trained
@@ -150,14 +152,14 @@ def test_resume_reaches_the_same_weights(tiny_model_dir, sft_data, tmp_path):
     full, cut = tmp_path / "full", tmp_path / "cut"
     sft.main(tiny_args(tiny_model_dir, sft_data, full, max_steps=6, save_every=2))
     # "Killed" after step 5: the last checkpoint is step 4, so resuming redoes step 5.
-    assert sft.main(tiny_args(tiny_model_dir, sft_data, cut, max_steps=6, save_every=2, stop_at_step=5)) == {"stopped_at": 5}
-    state = torch.load(cut / "checkpoint" / "state.pt", weights_only=False)
+    assert sft.main(tiny_args(tiny_model_dir, sft_data, cut, max_steps=6, save_every=2, stop_after=5)) == {"stopped_at": 5}
+    state = json.loads((cut / "checkpoint" / "trainer_state.json").read_text())
     assert state["step"] == 4 and state["extra"]["epoch"] == 0 and state["extra"]["batch_in_epoch"] == 4
     sft.main(tiny_args(tiny_model_dir, sft_data, cut, max_steps=6, save_every=2, resume=True))
     a, b = weights(str(full)), weights(str(cut))
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7, msg=name)
-    la, lb = common.read_jsonl(full / "metrics.jsonl"), common.read_jsonl(cut / "metrics.jsonl")
+    la, lb = dataset.read_jsonl(full / "metrics.jsonl"), dataset.read_jsonl(cut / "metrics.jsonl")
     assert [r["step"] for r in lb] == list(range(1, 7))
     assert [r["loss"] for r in la] == pytest.approx([r["loss"] for r in lb], rel=1e-6)
 
@@ -183,7 +185,7 @@ def test_two_process_accelerate_launch(tiny_model_dir, sft_data, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.load(open(two / "sft_summary.json"))
     assert len(summary["rank_digests"]) == 2 and len(set(summary["rank_digests"])) == 1
-    assert os.path.isdir(two / "checkpoint") and len(common.read_jsonl(two / "metrics.jsonl")) == 3
+    assert os.path.isdir(two / "checkpoint") and len(dataset.read_jsonl(two / "metrics.jsonl")) == 3
     sft.main(tiny_args(tiny_model_dir, sft_data, one, batch_size=8, grad_accum=4, max_steps=3))
     a, b = weights(str(one)), weights(str(two))
     for name in a:
@@ -197,17 +199,19 @@ def test_lora_and_qlora_train_and_save(tiny_model_dir, sft_data, tmp_path, mode)
     kw = dict(lora_r=4, merge_lora=True, eval_size=2, eval_max_new_tokens=4) if mode == "lora" else \
         dict(load_in_4bit=True)  # QLoRA without --lora_r: r = 16
     sft.main(tiny_args(tiny_model_dir, sft_data, out, max_steps=2, lr=1e-2, save_every=1, **kw))
-    assert (out / "adapter_model.safetensors").exists() and (out / "checkpoint" / "trainable.safetensors").exists()
+    assert (out / "adapter_model.safetensors").exists() and (out / "checkpoint" / "model.safetensors").exists()
+    # the checkpoint holds the trainable weights only: the adapters, not the (frozen, maybe 4-bit) base
+    assert all("lora_" in n for n in load_file(str(out / "checkpoint" / "model.safetensors")))
     r = json.loads((out / "adapter_config.json").read_text())["r"]
     assert r == json.loads((out / "sft_summary.json").read_text())["lora_r_used"] == (4 if mode == "lora" else 16)
-    base, adapter = common.resolve_model(str(out))
+    base, adapter = policy.resolve_model(str(out))
     assert base == tiny_model_dir and adapter == str(out)
-    model, processor = common.load_policy(base, adapter_path=adapter, load_in_4bit=mode == "qlora", device="cpu")
+    model, processor = policy.load_policy(base, adapter_path=adapter, load_in_4bit=mode == "qlora", device="cpu")
     trained = load_file(str(out / "adapter_model.safetensors"))
     assert any("lora_B" in n and t.abs().sum() > 0 for n, t in trained.items())  # B starts at 0: it moved
-    batch = common.encode_prompts(processor, ["How many red dots are there?"], [toy.make_problem(1)["image"]],
-                                  common.SYSTEM_PROMPTS["reflect"])
+    batch = dataset.encode_prompts(processor, ["How many red dots are there?"], [toy.make_problem(1)["image"]],
+                                  dataset.SYSTEM_PROMPTS["reflect"])
     assert len(common.generate(model, processor, batch, max_new_tokens=4)[2]) == 1
     if mode == "lora":  # the merged copy is a plain checkpoint
-        merged, _ = common.load_policy(str(out / "merged"), device="cpu")
+        merged, _ = policy.load_policy(str(out / "merged"), device="cpu")
         assert not hasattr(merged, "peft_config")

@@ -4,8 +4,8 @@ For each group size G and response length, runs a few steps of 03_grpo.py in a f
 generation forced to that length, and prints the median step time split into its parts, tokens per
 second and the process's peak memory (CPU: max RSS; GPU: peak allocated).
 
-    OMP_NUM_THREADS=1 python bench_grpo.py        # G in {4, 8, 16} x lengths {64, 128, 256}, toy SFT model, 1 thread
-    python bench_grpo.py --groups 8 --lengths 256 --model runs/toy/sft
+    OMP_NUM_THREADS=1 python bench/bench_grpo.py        # G in {4, 8, 16} x lengths {64, 128, 256}, toy SFT model, 1 thread
+    python bench/bench_grpo.py --groups 8 --lengths 256 --model runs/toy/sft
 """
 
 import argparse
@@ -16,14 +16,15 @@ import subprocess
 import sys
 import tempfile
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: 03_grpo.py
+
 CHILD = r"""
 import json, resource, sys, torch
 sys.argv = ["03_grpo.py"] + json.loads(sys.argv[1])
 import importlib.util
 spec = importlib.util.spec_from_file_location("grpo", "03_grpo.py")
 grpo = importlib.util.module_from_spec(spec); sys.modules["grpo"] = grpo; spec.loader.exec_module(grpo)
-import common
-rows = grpo.main(common.parse_args(grpo.Args))["metrics"]
+rows = grpo.main(cli.parse_args(grpo.Args))["metrics"]
 peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print("BENCH " + json.dumps({"rows": rows, "peak_mib": peak}))
 """
@@ -49,7 +50,7 @@ def main():
                         "--min_new_tokens", str(L), "--save_every", "0", "--sample_every", "0",
                         "--no-accuracy_filter"]
                 res = subprocess.run([sys.executable, "-c", CHILD, json.dumps(argv)], capture_output=True, text=True,
-                                     cwd=os.path.dirname(os.path.abspath(__file__)))
+                                     cwd=ROOT)
                 line = next((ln for ln in res.stdout.splitlines() if ln.startswith("BENCH ")), None)
                 if line is None:
                     print(f"G={G} len={L} failed:\n{res.stderr[-2000:]}")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check of bench_gpu.py (see its docstring): 7B nf4 GRPO memory and step time, decode speed
-# against the bandwidth floor. Run on a CUDA machine from the repository root: bash gpu_check.sh
+# against the bandwidth floor. Run on a CUDA machine from the repository root: bash bench/gpu_check.sh
 # Where the machine has no network, put the missing wheels in .whl/ (bitsandbytes 0.50.2,
 # math-verify 0.9.0, latex2sympy2_extended, antlr4-python3-runtime); they are installed into /tmp/site,
 # prints the GPU and versions, then runs bench_gpu.py; the whole check ends within ~7 minutes.
@@ -23,7 +23,7 @@ print('python', sys.version.split()[0], '| torch', torch.__version__, '| transfo
       '| accelerate', accelerate.__version__, '| peft', peft.__version__, '| bitsandbytes', bitsandbytes.__version__,
       '| torchvision', torchvision.__version__, '|', torch.cuda.get_device_name())"
   left=$((405 - ($(date +%s) - start)))  # seconds left of the ~7 minutes
-  timeout -k 5 $((left - 5)) python3 bench_gpu.py --budget_s $((left - 20)) --out "$OUT" "$@"
+  timeout -k 5 $((left - 5)) python3 bench/bench_gpu.py --budget_s $((left - 20)) --out "$OUT" "$@"
   rc=$?
   echo "gpu_check.sh: bench_gpu.py exit code $rc, $(($(date +%s) - start)) s in all"
   exit $rc

@@ -15,8 +15,8 @@ probability the model gave that value and its second choice, and reports:
    from the values read, so an answer the model wrote against its own reading (right or wrong by
    luck) counts as what its reading implies.
 
-    python probe_confidence.py                                   # the dots task's base model, plain prompt
-    python probe_confidence.py --model runs/toy-dots/sft --prompt reflect
+    python probe/probe_confidence.py                                   # the dots task's base model, plain prompt
+    python probe/probe_confidence.py --model runs/toy-dots/sft --prompt reflect
 
 It asks the model the test problems of its own toy task (the dots task for the models of
 `make demo-dots`; on the two-step task, where n is read right almost always, there is little to probe).
@@ -27,12 +27,17 @@ Writes `--out` (JSON) and prints two tables.
 import json
 import os
 import re
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+import cli  # noqa: E402
 import common
+import dataset
+import policy
 import toy
 
 READ_RE = re.compile(r"\b(red|green|blue): (\d+)\.")
@@ -81,7 +86,7 @@ def read_probabilities(model, processor, problems, responses, system_prompt):
         ids = tok.encode(f" {d}", add_special_tokens=False)
         if len(ids) == 1:
             digit_ids[d] = ids[0]
-    batch = common.encode_sft(processor, [p["question"] for p in problems], [p["image"] for p in problems],
+    batch = dataset.encode_sft(processor, [p["question"] for p in problems], [p["image"] for p in problems],
                               responses, system_prompt)
     labels = batch.pop("labels")
     with torch.no_grad():
@@ -126,13 +131,13 @@ def reread(problem, reads, threshold):
 
 
 def main(args: Args):
-    if args.n < 1 or args.prompt not in common.SYSTEM_PROMPTS:
+    if args.n < 1 or args.prompt not in dataset.SYSTEM_PROMPTS:
         raise ValueError(f"--n must be at least 1 (got {args.n}) and --prompt one of "
-                         f"{sorted(common.SYSTEM_PROMPTS)} (got {args.prompt!r})")
-    model, processor = common.load_policy(args.model)
+                         f"{sorted(dataset.SYSTEM_PROMPTS)} (got {args.prompt!r})")
+    model, processor = policy.load_policy(args.model)
     model.eval()
     test = toy.toy_dataset("test", args.n, task=processor.task)
-    system_prompt = common.SYSTEM_PROMPTS[args.prompt]
+    system_prompt = dataset.SYSTEM_PROMPTS[args.prompt]
     responses = common.generate_responses(model, processor, test["question"], test["image"],
                                           system_prompt=system_prompt, max_new_tokens=args.max_new_tokens,
                                           batch_size=args.batch_size, desc="answer")
@@ -210,4 +215,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(common.parse_args(Args))
+    cli.run(main, Args)

@@ -4,8 +4,8 @@ speed against the memory-bandwidth floor.
 Phases, each printed (and saved to OUT/results.json) as soon as it ends, so a cut-off run still
 reports what it finished; GRPO runs that no longer fit the time budget are skipped:
   1. device-to-device copy bandwidth (bytes read + written);
-  2. build the 7B architecture (../shared/GPU-NOTES.md) with random bf16 weights on the GPU, save it
-     with save_pretrained plus the official Qwen2.5-VL processor around the toy tokenizer;
+  2. build the 7B architecture (the sizes of Qwen2.5-VL-7B-Instruct's config.json, `model_config`) with
+     random bf16 weights on the GPU, save it with save_pretrained plus the official Qwen2.5-VL processor around the toy tokenizer;
   3. GRPO runs of 03_grpo.py (a fresh process each; --load_in_4bit --lora_r 16, G = 8, generation
      forced to 256 tokens, toy problems with images upscaled to 448x448 = 256 image tokens):
        p1gc  1 prompt x 8, 3 steps, gradient checkpointing (the issue's setting and its 24 GB target;
@@ -18,12 +18,12 @@ reports what it finished; GRPO runs that no longer fit the time budget are skipp
      ms per generated token (generation s / 256).
 
     bash gpu_check.sh                                   # on the GPU machine: wheels, versions, this script
-    python bench_gpu.py --budget_s 360 --out $OUT       # what gpu_check.sh runs (budget: what is left of 7 min)
-    python bench_gpu.py --runs p1 --budget_s 300        # only the main setting
+    python bench/bench_gpu.py --budget_s 360 --out $OUT       # what gpu_check.sh runs (budget: what is left of 7 min)
+    python bench/bench_gpu.py --runs p1 --budget_s 300        # only the main setting
     bash gpu_check.sh --runs p1 --reuse_model           # a rerun on the same warm machine: skip the build
-    OMP_NUM_THREADS=1 python bench_gpu.py --tiny        # CPU smoke test: tiny model, same code path (~40 s;
+    OMP_NUM_THREADS=1 python bench/bench_gpu.py --tiny        # CPU smoke test: tiny model, same code path (~40 s;
                                                         # the toy processor stands in where torchvision is missing)
-    OMP_NUM_THREADS=1 python bench_gpu.py --tiny --no-load_in_4bit
+    OMP_NUM_THREADS=1 python bench/bench_gpu.py --tiny --no-load_in_4bit
 """
 
 import argparse
@@ -38,7 +38,8 @@ import time
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
+sys.path.insert(0, HERE)
 # name: (prompts per step, steps, gradient checkpointing, seconds left needed to start it)
 RUNS = {"p1gc": (1, 3, True, 0), "p1": (1, 2, False, 120), "p4": (4, 2, True, 170)}
 
@@ -89,12 +90,14 @@ def build_processor(tok, image_size):
 def build_model(a, device):
     """Random-weight model + processor saved to a.model_dir. Returns timings and sizes."""
     import common
+    import dataset
+    import policy
     import toy
     from PIL import Image
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     t0 = time.time()
-    tok = toy.build_tokenizer(extra_texts=list(common.SYSTEM_PROMPTS.values()))
+    tok = toy.build_tokenizer(extra_texts=list(dataset.SYSTEM_PROMPTS.values()))
     config = model_config(tok, a.tiny)
     t1 = time.time()
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -120,9 +123,9 @@ def build_model(a, device):
     if device == "cuda":
         torch.cuda.empty_cache()
     # Check the saved processor the way 03 loads it: one image -> (image_size / 28)^2 image tokens.
-    proc = common.load_processor(a.model_dir)
-    enc = common.encode_prompts(proc, ["How many red dots are there?"], [Image.new("RGB", (a.image_size,) * 2)],
-                                common.SYSTEM_PROMPTS["reflect"])
+    proc = policy.load_processor(a.model_dir)
+    enc = dataset.encode_prompts(proc, ["How many red dots are there?"], [Image.new("RGB", (a.image_size,) * 2)],
+                                dataset.SYSTEM_PROMPTS["reflect"])
     n_img = int((enc["input_ids"] == ids("<|image_pad|>")).sum())
     assert n_img == (a.image_size // 28) ** 2, n_img
     return {"params_B": n / 1e9, "vision_params_B": n_vis / 1e9, "tokenizer_s": t1 - t0, "init_s": t2 - t1,
@@ -134,6 +137,8 @@ def build_model(a, device):
 def write_prompts(path, n, image_size):
     """Toy RL prompts as the local JSONL 03 reads (--data), images upscaled to image_size x image_size."""
     import common
+    import dataset
+    import policy
     import toy
     from PIL import Image
 
@@ -143,7 +148,7 @@ def write_prompts(path, n, image_size):
         p = toy.make_problem(2000 + i)  # toy_dataset("train", seed=1)'s seeds
         name = f"img{i}.png"
         p["image"].resize((image_size, image_size), Image.BICUBIC).save(os.path.join(os.path.dirname(path), name))
-        common.append_jsonl(path, {"id": p["id"], "question": p["question"], "answer": p["answer"],
+        dataset.append_jsonl(path, {"id": p["id"], "question": p["question"], "answer": p["answer"],
                                    "choices": p["choices"], "image": name})
 
 
@@ -196,7 +201,7 @@ def child(cfg):
     gib = (lambda: torch.cuda.max_memory_allocated() / 2**30) if cuda else (lambda: 0.0)
     reserved = (lambda: torch.cuda.max_memory_reserved() / 2**30) if cuda else (lambda: 0.0)
     peak = {"run": 0.0, "gen": 0.0, "reserved": 0.0}
-    load, gen, append = common.load_policy, common.generate, common.append_jsonl
+    load, gen, append = policy.load_policy, common.generate, dataset.append_jsonl
 
     def load_policy(*args, **kw):
         t = time.time()
@@ -225,8 +230,8 @@ def child(cfg):
                    "peak_reserved_gib": peak["reserved"]}
         append(path, row)
 
-    common.load_policy, common.generate, common.append_jsonl = load_policy, generate, append_jsonl
-    grpo.main(common.parse_args(grpo.Args))
+    policy.load_policy, common.generate, dataset.append_jsonl = load_policy, generate, append_jsonl
+    grpo.main(cli.parse_args(grpo.Args))
 
 
 def run_grpo(a, name, data, deadline):
@@ -258,7 +263,7 @@ def run_grpo(a, name, data, deadline):
         proc.kill()
         rc = proc.wait()
         print(f"   {name}: cut off at the time budget after {time.time() - t:.0f} s")
-    rows = common.read_jsonl(os.path.join(out, "metrics.jsonl"))
+    rows = dataset.read_jsonl(os.path.join(out, "metrics.jsonl"))
     wpath = os.path.join(out, "weights.json")
     weights = json.load(open(wpath)) if os.path.exists(wpath) else None
     if not rows:

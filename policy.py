@@ -1,0 +1,131 @@
+"""The policy model: loading, saving and where a LoRA adapter's base is.
+
+One loading path serves the toy model and the real Qwen2.5-VL-7B/32B alike: a local directory or a
+hub id, a dtype, optional 4-bit (bitsandbytes nf4) and LoRA (peft), and a frozen vision tower (the
+paper freezes the vision encoder and projector in both stages).
+"""
+
+import json
+import os
+
+import torch
+
+
+def is_toy_dir(path) -> bool:
+    return os.path.isfile(os.path.join(str(path), "toy_processor.json"))
+
+
+def load_processor(path):
+    """The toy processor for toy checkpoints, `AutoProcessor` for everything else (real Qwen2.5-VL)."""
+    if is_toy_dir(path):
+        from toy import ToyProcessor
+
+        return ToyProcessor.from_pretrained(path)
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(path)  # no trust_remote_code: Qwen2.5-VL is built in
+    processor.tokenizer.padding_side = "left"
+    return processor
+
+
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+def load_policy(model_path, *, dtype="auto", load_in_4bit=False, lora_r=0, lora_alpha=None,
+                lora_dropout=0.05, freeze_vision=True, gradient_checkpointing=False, device=None,
+                adapter_path=None):
+    """Load (model, processor) from a local directory or hub id.
+
+    dtype: "auto" = bf16 on a GPU, fp32 on a CPU; or "bfloat16" / "float16" / "float32".
+    load_in_4bit: bitsandbytes nf4 weights with bf16 compute, all frozen (QLoRA: add lora_r > 0 to train).
+    lora_r > 0: LoRA adapters (peft) on the language model's linear layers only.
+    freeze_vision: the vision tower and projector get no gradient (the paper freezes them).
+    adapter_path: load a saved LoRA adapter on top of `model_path` (trainable if lora_r > 0).
+    """
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype == "auto":
+        dtype = "bfloat16" if device != "cpu" and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    torch_dtype = getattr(torch, dtype)
+    kwargs = {"dtype": torch_dtype}
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        compute = torch.bfloat16 if device != "cpu" else torch.float32
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
+            bnb_4bit_use_double_quant=True,
+            # Patterns match module names from the start or as a suffix: "visual" alone matches nothing.
+            llm_int8_skip_modules=["model.visual", "lm_head"])
+        kwargs["device_map"] = {"": device if device != "cuda" else torch.cuda.current_device()}
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_path, **kwargs)
+    if not load_in_4bit:
+        model.to(device)
+    if freeze_vision:
+        for p in model.model.visual.parameters():  # vision tower + its merger (the projector)
+            p.requires_grad_(False)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if load_in_4bit:
+        _fix_bnb_cpu(model)
+        for p in model.parameters():  # a 4-bit model trains only through adapters: norms, embeddings frozen
+            p.requires_grad_(False)
+    if adapter_path or lora_r:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        if adapter_path:
+            model = PeftModel.from_pretrained(model, adapter_path, is_trainable=lora_r > 0)
+        else:
+            model = get_peft_model(model, LoraConfig(
+                r=lora_r, lora_alpha=lora_alpha or 2 * lora_r, lora_dropout=lora_dropout,
+                target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
+    return model, load_processor(model_path)
+
+
+def _fix_bnb_cpu(model):
+    # bitsandbytes 0.50 repacks 4-bit weights for avx512_bf16 CPUs on an eval-mode forward, which
+    # breaks a later training backward; turning that optimisation off keeps CPU QLoRA trainable.
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+
+
+def unwrap(model):
+    """The model under a DDP wrapper (`.module`); a peft model stays a peft model."""
+    return getattr(model, "module", model)
+
+
+def save_model(model, processor, path, merge_lora=False):
+    """Save weights as safetensors + processor, loadable by `load_policy`. LoRA: the adapter, and a
+    merged full copy under `path/merged` when `merge_lora`."""
+    model = unwrap(model)
+    os.makedirs(path, exist_ok=True)
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(path)  # adapter_model.safetensors + adapter_config.json
+        base = model.get_base_model()
+        base.config.save_pretrained(path)
+        processor.save_pretrained(path)
+        if merge_lora:
+            merged = model.merge_and_unload() if not getattr(base, "is_loaded_in_4bit", False) else None
+            if merged is None:
+                raise ValueError("--merge_lora needs unquantised base weights; reload the base in bf16 to merge")
+            merged.save_pretrained(os.path.join(path, "merged"), safe_serialization=True)
+            processor.save_pretrained(os.path.join(path, "merged"))
+    else:
+        model.save_pretrained(path, safe_serialization=True)
+        processor.save_pretrained(path)
+
+
+def resolve_model(path):
+    """(base path, adapter path or None): a LoRA output directory names its base in adapter_config.json."""
+    cfg = os.path.join(str(path), "adapter_config.json")
+    if os.path.isfile(cfg):
+        with open(cfg) as f:
+            return json.load(f)["base_model_name_or_path"], str(path)
+    return str(path), None

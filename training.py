@@ -1,0 +1,359 @@
+"""What 02 (SFT) and 03 (GRPO) share: the accelerator, the policy and its optimizer and schedule,
+resumable checkpoints, the saved model, and the metric plots.
+
+Distribution is accelerate's: one process, DDP, DeepSpeed ZeRO-2/3 or FSDP from the same code
+(configs/*.yaml). A checkpoint is accelerate's `save_state` for every kind of run, so the path the
+CPU tests exercise is the one a cluster uses.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+
+import torch
+
+import cli
+import dataset
+import policy
+
+
+@dataclasses.dataclass
+class TrainArgs:
+    """The flags 02 and 03 share; each script sets its own defaults (the paper's, scaled to the toy)."""
+
+    model: str = "models/toy_base"
+    """policy to train: a local directory or hub id (e.g. Qwen/Qwen2.5-VL-7B-Instruct); a LoRA output directory works too"""
+    out_dir: str = "runs/toy/run"
+    """where the model, metrics.jsonl, plots and checkpoint/ go"""
+    seed: int = 0
+    """random seed"""
+    lr: float = 1e-5
+    """peak AdamW learning rate"""
+    adam_beta1: float = 0.9
+    """AdamW beta1"""
+    adam_beta2: float = 0.999
+    """AdamW beta2"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    warmup_ratio: float = 0.1
+    """share of the optimizer steps spent on linear warm-up before the cosine decay"""
+    min_lr_ratio: float = 0.0
+    """the cosine decays to this fraction of lr"""
+    grad_clip: float = 1.0
+    """gradient clipping by global norm"""
+    lora_r: int = 0
+    """LoRA rank on the language model's linear layers; 0 = full fine-tuning (16 with --load_in_4bit)"""
+    lora_alpha: int = 0
+    """LoRA alpha; 0 = 2 x lora_r"""
+    load_in_4bit: bool = False
+    """QLoRA: frozen nf4 base weights (bitsandbytes), bf16 compute on a GPU; implies LoRA (r 16 unless set)"""
+    freeze_vision: bool = True
+    """keep the vision tower and projector frozen (paper)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass: less memory, ~30% slower"""
+    cpu: bool = False
+    """train on the CPU even if a GPU is present (with several processes: gloo)"""
+    save_dtype: str = "auto"
+    """dtype of the saved full model: 'auto' = bf16 after bf16-autocast training on a GPU (fp32 masters
+    were for the updates), else as trained; 'float32', 'bfloat16' or 'float16'. LoRA adapters and
+    ZeRO/FSDP runs save what they train"""
+    save_every: int = 50
+    """write out_dir/checkpoint every this many optimizer steps; 0 = never"""
+    resume: bool = False
+    """continue from out_dir/checkpoint: rerun the same command with --resume"""
+    stop_after: int = 0
+    """end this run after this many steps as if killed (tests --resume); 0 = run to the end"""
+    report_to: str = "none"
+    """also log metrics to 'tensorboard' or 'wandb' (through accelerate; installed separately); 'none' =
+    metrics.jsonl and the PNG plots only"""
+
+
+TRACKERS = ("none", "tensorboard", "wandb")
+
+
+def check_train_args(args):
+    """The shared flags' values, checked before any model loads."""
+    cli.check_choice("save_dtype", args.save_dtype, SAVE_DTYPES)
+    cli.check_choice("report_to", args.report_to, TRACKERS)
+    for flag in ("lr", "grad_clip"):
+        if not getattr(args, flag) > 0:
+            raise cli.UserError(f"--{flag} must be > 0; got {getattr(args, flag)}")
+    if not 0 <= args.warmup_ratio < 1:
+        raise cli.UserError(f"--warmup_ratio must be in [0, 1); got {args.warmup_ratio}")
+
+
+def make_accelerator(args, grad_accum=1):
+    """bf16 autocast on a GPU (fp16 where bf16 is missing), fp32 on the CPU (several processes: gloo);
+    ZeRO/FSDP come from `accelerate launch --config_file configs/*.yaml`."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, parse_flag_from_env
+
+    on_gpu = torch.cuda.is_available() and not (args.cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))
+    half = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if on_gpu else "no"
+    accelerator = Accelerator(
+        cpu=not on_gpu, mixed_precision=half, gradient_accumulation_steps=grad_accum,
+        # an unfrozen vision tower gets no gradient from text-only batches: let DDP allow that
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=not args.freeze_vision)],
+        log_with=None if args.report_to == "none" else args.report_to, project_dir=args.out_dir)
+    keep_trainable_in_checkpoints(accelerator)
+    return accelerator
+
+
+def load_trainable_policy(args, accelerator, lora_r):
+    """(model, processor) for training: fp32 masters for full fine-tuning, the autocast dtype for a
+    frozen base (training_dtype); a LoRA directory as --model loads its adapter on its base."""
+    base, adapter = policy.resolve_model(args.model)
+    return policy.load_policy(
+        base, dtype=training_dtype(accelerator, frozen_base=bool(lora_r)), adapter_path=adapter, lora_r=lora_r,
+        lora_alpha=args.lora_alpha or None, load_in_4bit=args.load_in_4bit, freeze_vision=args.freeze_vision,
+        gradient_checkpointing=args.gradient_checkpointing, device=str(accelerator.device))
+
+
+def make_optimizer(args, model, total_steps):
+    """AdamW on the trainable parameters, linear warm-up then cosine decay over `total_steps` steps."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.weight_decay)
+    scheduler = cosine_schedule(optimizer, math.ceil(args.warmup_ratio * total_steps), total_steps,
+                                min_ratio=args.min_lr_ratio)
+    return optimizer, scheduler
+
+
+def find_resume(args):
+    """The checkpoint --resume continues from, or None (also when there is none yet)."""
+    return find_checkpoint(os.path.join(args.out_dir, "checkpoint")) if args.resume else None
+
+
+def start_or_resume(accelerator, args, found, *, scheduler, logs=("metrics.jsonl",)):
+    """(step, extra). Resuming: the prepared model and optimizer, the schedule and the RNG states come
+    back from `found`, and metric rows written after it (steps that will be redone) are dropped. A
+    fresh start removes an earlier run's logs and checkpoint in out_dir."""
+    metrics = os.path.join(args.out_dir, logs[0])
+    if found:
+        step, extra = load_checkpoint(accelerator, found, scheduler=scheduler)
+        accelerator.print(f"resumed from {found} at step {step}")
+        if accelerator.is_main_process:
+            rows = [r for r in dataset.read_jsonl(metrics) if r["step"] <= step]
+            with open(metrics, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+        return step, extra
+    if args.resume:
+        accelerator.print(f"--resume: no checkpoint in {args.out_dir}, starting from scratch")
+    if accelerator.is_main_process:
+        for name in logs:
+            path = os.path.join(args.out_dir, name)
+            if os.path.exists(path):
+                os.remove(path)
+        remove_checkpoint(os.path.join(args.out_dir, "checkpoint"))
+    return 0, {}
+
+
+def start_trackers(accelerator, args, name):
+    """--report_to: tensorboard or wandb beside metrics.jsonl (log rows with accelerator.log)."""
+    if args.report_to != "none":
+        config = {k: v for k, v in dataclasses.asdict(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers(name, config=config)
+
+
+def training_dtype(accelerator, frozen_base):
+    """Weights dtype for training: fp32 master weights for full fine-tuning (at lr 1e-6, bf16 weights
+    would round most updates away), also on a GPU where the passes run under bf16 autocast. A frozen
+    base (LoRA: peft keeps the adapters in fp32) and DeepSpeed (it keeps its own fp32 masters) load
+    in the autocast dtype on a GPU."""
+    from accelerate import DistributedType
+
+    if accelerator.device.type == "cuda" and (frozen_base or accelerator.distributed_type == DistributedType.DEEPSPEED):
+        return {"bf16": "bfloat16", "fp16": "float16"}[accelerator.mixed_precision]
+    return "float32"
+
+
+def is_sharded(accelerator) -> bool:
+    """ZeRO (DeepSpeed) or FSDP: no process holds the whole model and optimizer state."""
+    from accelerate import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+
+
+def weights_sharded(accelerator) -> bool:
+    """ZeRO-3 or FSDP: each process holds only a shard of the weights, so every forward pass is a
+    collective that all processes must join (generation then needs synced_gpus)."""
+    from accelerate import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.state.deepspeed_plugin.zero_stage == 3
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def prepare_deepspeed(accelerator, micro_batch, grad_clip):
+    """DeepSpeed wants its per-GPU micro-batch before `prepare` (which gets no dataloader here), and
+    clips gradients with its own config's value: say so when it differs from ours."""
+    from accelerate import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = micro_batch
+    clip = config.get("gradient_clipping")
+    if clip in (None, "auto"):  # unset: ours (DeepSpeed would not clip; accelerate would fill in 1.0)
+        config["gradient_clipping"] = grad_clip
+    elif float(clip) != grad_clip:
+        accelerator.print(f"note: DeepSpeed clips gradients at {clip} (its config's gradient_clipping), not at {grad_clip}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints for --resume: accelerate's save_state for every kind of run
+
+
+def save_checkpoint(accelerator, path, *, scheduler, step, extra=None):
+    """Everything --resume needs; every process calls it. accelerate writes the weights (safetensors),
+    the optimizer and every process's RNG states (ZeRO/FSDP: each process its shard); we add
+    trainer_state.json with the step, the schedule's position and `extra` (no pickle of ours).
+
+    Written to `path.tmp` and swapped in when complete, so a crash while saving leaves the previous
+    checkpoint whole. Unsharded runs save the trainable weights only (keep_trainable_in_checkpoints):
+    the frozen ones (a 4-bit base, the vision tower) come from --model again.
+    """
+    tmp = path.rstrip("/") + ".tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    if accelerator.is_main_process:
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump({"step": step, "scheduler": scheduler.state_dict(), "extra": extra or {}}, f)
+        swap_in(tmp, path)  # only once it is complete
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(accelerator, path, *, scheduler):
+    """Restore what save_checkpoint wrote into the prepared model and optimizer; returns (step, extra)."""
+    # strict=False: an unsharded checkpoint holds only the trainable weights (checked by the hook)
+    accelerator.load_state(path, **({} if is_sharded(accelerator) else {"strict": False}))
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        state = json.load(f)
+    scheduler.load_state_dict(state["scheduler"])
+    return state["step"], state["extra"]
+
+
+def keep_trainable_in_checkpoints(accelerator):
+    """Make save_state write only the parameters that train (LoRA: the adapters, MBs instead of the
+    whole base), and load_state check that a checkpoint has all of them. Sharded runs: unchanged."""
+    from safetensors import safe_open
+
+    def trainable(model):
+        return {n for n, p in model.named_parameters() if p.requires_grad}
+
+    def on_save(models, weights, output_dir):
+        for model, state in zip(models, weights):
+            keep = trainable(model)
+            for name in [k for k in state if k not in keep]:
+                del state[name]
+
+    def on_load(models, input_dir):
+        for i, model in enumerate(models):
+            file = os.path.join(input_dir, "model.safetensors" if i == 0 else f"model_{i}.safetensors")
+            if not os.path.isfile(file):
+                continue  # sharded formats: their own loaders check
+            with safe_open(file, "pt") as f:
+                missing = trainable(model) - set(f.keys())
+            if missing:
+                raise cli.UserError(f"{input_dir}: the checkpoint lacks {len(missing)} trainable weights "
+                                    f"(e.g. {sorted(missing)[0]}): was it written with other --lora_r or model?")
+
+    if not is_sharded(accelerator):
+        accelerator.register_save_state_pre_hook(on_save)
+        accelerator.register_load_state_pre_hook(on_load)
+
+
+def swap_in(tmp, path):
+    """Replace folder `path` by the complete folder `tmp`. The old one is renamed aside first, so at
+    every moment one whole checkpoint exists under `path` or `path.old` (see find_checkpoint)."""
+    old = path.rstrip("/") + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(path):
+    """`path` if it holds a checkpoint, else the `path.old` a crash inside swap_in left, else None."""
+    for p in (path, path.rstrip("/") + ".old"):
+        if os.path.isdir(p):
+            return p
+    return None
+
+
+def remove_checkpoint(path):
+    """Delete the checkpoint at `path` and any `path.old` beside it (a fresh run starts clean)."""
+    for p in (path, path.rstrip("/") + ".old"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def check_save_dtype(name):
+    """Fail at the start of a run, not after it, on a --save_dtype that save_final cannot use."""
+    if name not in SAVE_DTYPES:
+        raise cli.UserError(f"--save_dtype must be one of {', '.join(SAVE_DTYPES)}; got {name!r}")
+
+
+def save_final(accelerator, model, processor, out_dir, *, sharded=False, merge_lora=False, dtype="auto"):
+    """The trained model as safetensors in out_dir; every process calls it. Sharded: the full state
+    dict is gathered first (a collective), then the main process writes it.
+
+    dtype (full fine-tuning, not sharded): 'auto' = bf16 after a bf16-autocast run, whose fp32 master
+    weights were there for the updates only (half the disk; what the paper's checkpoints are), else
+    as trained; or 'float32' / 'bfloat16' / 'float16'. The model is cast in place: call this when
+    training is done. Sharded runs save what they gather (ZeRO: its bf16 weights; FSDP: fp32).
+    """
+    if not sharded:
+        dtype = (torch.bfloat16 if accelerator.mixed_precision == "bf16" else None) if dtype == "auto" else \
+            getattr(torch, dtype)
+        if dtype is not None and not hasattr(accelerator.unwrap_model(model), "peft_config"):  # full fine-tuning
+            accelerator.unwrap_model(model).to(dtype)
+        if accelerator.is_main_process:
+            policy.save_model(accelerator.unwrap_model(model), processor, out_dir, merge_lora=merge_lora)
+    else:
+        if merge_lora:
+            accelerator.print("--merge_lora is not supported under ZeRO/FSDP; merge the saved adapter afterwards")
+        state_dict = accelerator.get_state_dict(model)  # ZeRO-3: None on all processes but the main one
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(model).save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
+            processor.save_pretrained(out_dir)
+    accelerator.wait_for_everyone()
+
+
+def cosine_schedule(optimizer, warmup_steps, total_steps, min_ratio=0.0):
+    """Linear warm-up then cosine decay to `min_ratio` x lr."""
+
+    def f(step):
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
+
+
+def plot_metrics(rows, keys, path, title=""):
+    """Line plot of `keys` against `step` from metric rows; writes a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if pts:
+            ax.plot(*zip(*pts))
+        ax.set_title(key)
+        ax.set_xlabel("step")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
