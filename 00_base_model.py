@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 import cli
-import common
+import rollout
 import dataset
 import policy
 import grading
@@ -128,9 +128,9 @@ def gate(model, processor, n, max_new_tokens=48):
     """
     test = toy.toy_dataset("test", n, task="toy")
     system = dataset.SYSTEM_PROMPTS["plain"]
-    first = common.generate_responses(model, processor, test["question"], test["image"], system_prompt=system,
+    first = rollout.generate_responses(model, processor, test["question"], test["image"], system_prompt=system,
                                       max_new_tokens=max_new_tokens, batch_size=100, desc="gate: first attempts")
-    check = common.generate_responses(model, processor, [q + toy.STEP_CUE for q in test["question"]], test["image"],
+    check = rollout.generate_responses(model, processor, [q + toy.STEP_CUE for q in test["question"]], test["image"],
                                       system_prompt=system, max_new_tokens=max_new_tokens, batch_size=100,
                                       desc="gate: checks")
     rows = []

@@ -17,8 +17,8 @@ Toy (the defaults; ~20 s on 2 CPU cores; the policy is the shipped toy base, mod
 
 The default teacher `oracle` is a STAND-IN for the paper's o4-mini that only exists for the toy
 tasks (toy.oracle_reflection). On the two-step task it writes the check procedure from the value
-drawn in the image and the first attempt alone ("Check: 5 x 7 = 35. 35 + 3 = 38. The first answer
-is wrong."); on the dots task it reads the structured solution and names the first wrong step.
+drawn in the image and the first attempt alone ("Check: blue: 5. 5 x 7 = 35. 35 + 3 = 38. The first
+answer is wrong."); on the dots task it reads the structured solution and names the first wrong step.
 
 Real scale (the paper: Qwen2.5-VL-7B policy, o4-mini teacher, ~100K pool, N = 10K, 1024 tokens):
 
@@ -68,7 +68,7 @@ import torch
 from tqdm.auto import tqdm
 
 import cli
-import common
+import rollout
 import dataset
 import grading
 import llm_client
@@ -78,7 +78,8 @@ import toy
 
 @dataclass
 class Args(dataset.DataArgs):
-    """Stage 1a: policy answers -> 30/70 right/wrong selection -> teacher reflections -> SFT JSONL."""
+    """Stage 1a: policy answers -> 30/70 right/wrong selection -> teacher reflections -> SFT JSONL. Resume
+    after a crash or Ctrl-C: rerun the same command (finished answers and reflections are kept)."""
 
     model: str = "models/toy_base"
     """policy model: local dir, LoRA output dir or hub id (toy: the shipped base; toy-dots: runs/toy-dots/base)"""
@@ -241,7 +242,7 @@ def answer_pool(args, ds, base_dir, problems, answers_path, skipped_path):
             continue
         torch.manual_seed(args.seed * 1_000_003 + k)  # per-batch seed: resume == uninterrupted
         inputs = dataset.encode_prompts(processor, [p["question"] for p in batch], pils, system)
-        _, _, texts = common.generate(model, processor, inputs, max_new_tokens=args.max_new_tokens,
+        _, _, texts = rollout.generate(model, processor, inputs, max_new_tokens=args.max_new_tokens,
                                       temperature=args.temperature)
         for p, text in zip(batch, texts):
             if p["id"] in done:
@@ -395,7 +396,7 @@ def hf_teacher(items, args):
         for ask in range(args.max_json_retries + 1):
             inputs = dataset.encode_prompts(processor, [prompts[j] for j in pending], [pils[j] for j in pending],
                                            TEACHER_SYSTEM)
-            _, _, texts = common.generate(model, processor, inputs, max_new_tokens=args.teacher_max_new_tokens,
+            _, _, texts = rollout.generate(model, processor, inputs, max_new_tokens=args.teacher_max_new_tokens,
                                           temperature=0.0 if ask == 0 else 0.7)
             for j, text in zip(pending, texts):
                 last[j], reflection = text, parse_reflection(text)

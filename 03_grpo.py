@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import cli
-import common
+import rollout
 import dataset
 import policy
 import rewards
@@ -80,6 +80,9 @@ class Args(training.TrainArgs, dataset.DataArgs):
     """response length cap (paper: 2048)"""
     min_new_tokens: int = 0
     """force at least this many new tokens (fixed-length generation for benchmarks)"""
+    rollout: str = "fast"
+    """'fast': our static-KV-cache decoding loop (rollout.py; compiled on CUDA) where it applies, else HF
+    generate, with the reason printed; 'hf': always HF generate"""
     mu: int = 1
     """inner iterations (optimizer steps) per rollout batch; with mu = 1 the ratio is exactly 1"""
     clip_eps: float = 0.2
@@ -89,7 +92,8 @@ class Args(training.TrainArgs, dataset.DataArgs):
     kl_coef: float = 0.0
     """beta, weight of the k3 KL to the reference (released script: 0; the paper names k3, no value)"""
     loss_agg: str = "token-mean"
-    """'token-mean' (all tokens of the batch), 'seq-mean-token-mean' (original GRPO), 'seq-mean-token-sum-norm' (Dr. GRPO)"""
+    """'token-mean' (all tokens of the batch), 'seq-mean-token-mean' (original GRPO) or
+    'seq-mean-token-sum-norm' (Dr. GRPO)"""
     accuracy_filter: bool = True
     """train only on groups whose mean final-answer accuracy is within [filter_low, filter_high]"""
     filter_low: float = 0.1
@@ -108,7 +112,8 @@ class Args(training.TrainArgs, dataset.DataArgs):
     micro_batch: int = 32
     """sequences per log-prob forward pass (bounds logits memory)"""
     lora_r: int = 0
-    """LoRA rank (0 = full fine-tuning of the language model; 16 when --load_in_4bit or the model is an adapter)"""
+    """LoRA rank (0 = full fine-tuning of the language model; 16 when --load_in_4bit or the model is an
+    adapter)"""
     save_every: int = 20
     """write a resumable checkpoint every N steps (0 = never)"""
     sample_every: int = 10
@@ -123,6 +128,7 @@ def check_args(args):
     training.check_train_args(args)
     cli.check_choice("reward", args.reward, rewards.VARIANTS)
     cli.check_choice("loss_agg", args.loss_agg, LOSS_AGGS)
+    cli.check_choice("rollout", args.rollout, rollout.ROLLOUTS)
     cli.check_choice("system_prompt", args.system_prompt, ("auto", *dataset.SYSTEM_PROMPTS))
     for flag, low in (("group_size", 2), ("prompts_per_step", 1), ("steps", 1), ("mu", 1), ("micro_batch", 1),
                       ("max_new_tokens", 1)):
@@ -157,7 +163,8 @@ def select_rows(batch, rows, vision_start_id):
         imgs = [j for r in rows for j in range(img_start[r], img_start[r] + per_row[r])]
         if imgs:
             out["image_grid_thw"] = grids[imgs]
-            out["pixel_values"] = torch.cat([batch["pixel_values"][patch_start[j]:patch_start[j] + patches[j]] for j in imgs])
+            out["pixel_values"] = torch.cat([batch["pixel_values"][patch_start[j]:patch_start[j] + patches[j]]
+                                             for j in imgs])
     return out
 
 
@@ -176,7 +183,7 @@ def group_advantages(r, eps=1e-4):
 
     Example: [[1., 0., 0., 1.]] -> [[0.866, -0.866, -0.866, 0.866]]
     """
-    return (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)  # Eq. 3
+    return (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)  # Eq. (3)
 
 
 def token_logprobs(model, batch, completion_ids, temperature, micro_batch, vision_start_id):
@@ -220,13 +227,13 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, args):
     ratio = torch.exp(log_ratio)  # rho = pi_theta / pi_old
     A = advantages[:, None]
     eps_high = args.clip_eps_high or args.clip_eps
-    surrogate = torch.min(ratio * A, torch.clamp(ratio, 1 - args.clip_eps, 1 + eps_high) * A)  # Eq. 2
+    surrogate = torch.min(ratio * A, torch.clamp(ratio, 1 - args.clip_eps, 1 + eps_high) * A)  # Eq. (2)
     per_token = -surrogate
     kl = torch.zeros_like(logp)
     if ref_logp is not None:
         d = (ref_logp - logp).clamp(-20.0, 20.0)
         kl = torch.exp(d) - d - 1  # k3 estimator of KL(pi_theta || pi_ref), >= 0
-        per_token = per_token + args.kl_coef * kl  # Eq. 2: - beta * D_KL
+        per_token = per_token + args.kl_coef * kl  # Eq. (2): - beta * D_KL
     loss = aggregate(per_token, mask, args.loss_agg)
     with torch.no_grad():
         clipped = ((ratio < 1 - args.clip_eps) & (A < 0)) | ((ratio > 1 + eps_high) & (A > 0))
@@ -283,21 +290,23 @@ def load_prompts(args, log=print, progress=True):
     source = {"cells": ds.select_columns([args.image_column]) if args.image_column else None,
               "column": args.image_column, "base_dir": base_dir}
     prompts = []
-    for p in tqdm(problems, desc="checking images", disable=not progress or len(problems) < 10_000 or source["cells"] is None):
+    quiet = not progress or len(problems) < 10_000 or source["cells"] is None
+    for p in tqdm(problems, desc="checking images", disable=quiet):
         try:
             dataset.open_image(image_cell(source, p["row"]), base_dir, verify_only=True)
         except dataset.ImageError as e:
             skipped.append({"id": p["id"], "row": p["row"], "reason": e.reason, "detail": str(e)})
             continue
-        prompts.append({"index": len(prompts), "id": p["id"], "question": p["question"], "answer": p["answer"],
-                        "choices": p["choices"], "row": p["row"], "source": source})
+        prompts.append({"index": len(prompts), "id": p["id"], "question": p["question"],
+                        "answer": p["answer"], "choices": p["choices"], "row": p["row"], "source": source})
     for reason in sorted({s["reason"] for s in skipped}):
         rows = [s for s in skipped if s["reason"] == reason]
         log(f"{args.data}: skipped {len(rows)} row(s), {reason}: "
             + "; ".join(f"row {s['row'] + 1} (id {s['id']}) {s['detail']}".strip() for s in rows[:3])
             + (" ..." if len(rows) > 3 else ""))
     if not prompts:
-        raise cli.UserError(f"{args.data}: no usable RL prompts (all {len(skipped)} rows skipped, reasons above)")
+        raise cli.UserError(f"{args.data}: no usable RL prompts (all {len(skipped)} rows skipped, "
+                            "reasons above)")
     return prompts
 
 
@@ -313,7 +322,8 @@ def batch_images(batch, prompts, max_pixels, log=print):
     for p in batch:
         for q in (prompts[(p["index"] + k) % len(prompts)] for k in range(len(prompts))):
             try:
-                images.append(dataset.open_image(image_cell(q["source"], q["row"]), q["source"]["base_dir"], max_pixels))
+                cell = image_cell(q["source"], q["row"])
+                images.append(dataset.open_image(cell, q["source"]["base_dir"], max_pixels))
                 out_prompts.append(q)
                 break
             except dataset.ImageError as e:
@@ -351,17 +361,18 @@ def grpo_step(model, ref_model, accelerator, optimizer, scheduler, train, comp, 
     Distributed: DDP and FSDP exchange gradients only on the last micro-batch (no_sync before it);
     DeepSpeed's engine steps only when sync_gradients is set, though ZeRO-2/3 reduce at every backward.
     """
+    def logprobs(m):
+        return token_logprobs(m, train, comp, args.temperature, args.micro_batch, vision_start)
+
     with torch.no_grad(), accelerator.autocast():
-        old_logp = None
-        if args.mu > 1:
-            old_logp = token_logprobs(model, train, comp, args.temperature, args.micro_batch, vision_start)
+        old_logp = logprobs(model) if args.mu > 1 else None
         ref_logp = None
         if args.kl_coef > 0:
             if ref_model is not None:
-                ref_logp = token_logprobs(ref_model, train, comp, args.temperature, args.micro_batch, vision_start)
+                ref_logp = logprobs(ref_model)
             else:  # LoRA: the reference is the base with the adapters off
                 with accelerator.unwrap_model(model).disable_adapter():
-                    ref_logp = token_logprobs(model, train, comp, args.temperature, args.micro_batch, vision_start)
+                    ref_logp = logprobs(model)
 
     n_tok, B = cmask.sum().clamp(min=1), len(comp)
     starts = list(range(0, B, args.micro_batch))
@@ -375,7 +386,8 @@ def grpo_step(model, ref_model, accelerator, optimizer, scheduler, train, comp, 
                 logp = token_logprobs(model, select_rows(train, mb, vision_start), comp[mb], args.temperature,
                                       args.micro_batch, vision_start)
                 old = logp.detach() if old_logp is None else old_logp[mb]
-                loss, st = grpo_loss(logp, old, None if ref_logp is None else ref_logp[mb], adv[mb], cmask[mb], args)
+                ref = None if ref_logp is None else ref_logp[mb]
+                loss, st = grpo_loss(logp, old, ref, adv[mb], cmask[mb], args)  # Eq. (2) on this micro-batch
                 # each micro-batch's loss scaled to its share, so that the shares sum to the batch loss
                 share = micro_batch_share(args.loss_agg, cmask[mb], n_tok, n_kept)
                 accelerator.backward(loss * share)
@@ -397,12 +409,14 @@ def step_metrics(scored, r, keep, mask, stats, grad_norm, lr, times):
     final = torch.tensor([s["final_correct"] for s in scored])
     gen_s, score_s, step_s = times
     row.update({
-        "reward": row.pop("total"), "first_accuracy": first.mean().item(), "final_accuracy": final.mean().item(),
+        "reward": row.pop("total"),
+        "first_accuracy": first.mean().item(), "final_accuracy": final.mean().item(),
         "wrong_to_right": ((first == 0) & (final == 1)).float().mean().item(),
         "right_to_wrong": ((first == 1) & (final == 0)).float().mean().item(),
         "reflection_rate": row["has_reflection"],
         "response_tokens": mask.sum(1).float().mean().item(),
-        "zero_spread_groups": (r.std(1) < 1e-6).float().mean().item(), "groups_kept": keep.float().mean().item(),
+        "zero_spread_groups": (r.std(1) < 1e-6).float().mean().item(),
+        "groups_kept": keep.float().mean().item(),
         **stats, "grad_norm": float("nan") if grad_norm is None else float(grad_norm), "lr": lr,
         "step_s": step_s, "gen_s": gen_s, "score_s": score_s, "update_s": step_s - gen_s - score_s,
         "tokens_per_s": float(mask.sum()) / step_s,
@@ -412,7 +426,8 @@ def step_metrics(scored, r, keep, mask, stats, grad_norm, lr, times):
 
 def log_line(step, row):
     return (f"step {step:4d} | reward {row['reward']:.3f} | acc first {row['first_accuracy']:.2f} "
-            f"final {row['final_accuracy']:.2f} | w->r {row['wrong_to_right']:.2f} r->w {row['right_to_wrong']:.2f} "
+            f"final {row['final_accuracy']:.2f} | w->r {row['wrong_to_right']:.2f} "
+            f"r->w {row['right_to_wrong']:.2f} "
             f"| refl {row['reflection_rate']:.2f} | len {row['response_tokens']:.0f} | kl {row['kl']:.4f} "
             f"| clip {row['clip_frac']:.3f} | {row['step_s']:.1f}s (gen {row['gen_s']:.1f}s)")
 
@@ -426,7 +441,7 @@ def main(args: Args):
     prompts = load_prompts(args)  # bad data fails here, before a model loads
     accelerator = training.make_accelerator(args)
     rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    sharded = training.is_sharded(accelerator)  # ZeRO / FSDP: weights, or optimizer states, split over processes
+    sharded = training.is_sharded(accelerator)  # ZeRO / FSDP: weights or optimizer states split up
     cli.seed_everything(args.seed + rank)
     system = dataset.SYSTEM_PROMPTS[args.system_prompt if args.system_prompt != "auto"
                                  else ("plain" if args.reward == "grpo" else "reflect")]
@@ -448,11 +463,13 @@ def main(args: Args):
     training.prepare_deepspeed(accelerator, args.micro_batch, args.grad_clip)
     model, optimizer = accelerator.prepare(model, optimizer)
     os.makedirs(args.out_dir, exist_ok=True)
-    metrics_path, samples_path = os.path.join(args.out_dir, "metrics.jsonl"), os.path.join(args.out_dir, "samples.jsonl")
+    metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
+    samples_path = os.path.join(args.out_dir, "samples.jsonl")
     start, _ = training.start_or_resume(accelerator, args, training.find_resume(args), scheduler=scheduler,
                                         logs=("metrics.jsonl", "samples.jsonl"))
     if is_main:
-        dataset.append_jsonl(os.path.join(args.out_dir, "config.jsonl"), {"start": start, **asdict(args), "lora_r_used": lora_r})
+        dataset.append_jsonl(os.path.join(args.out_dir, "config.jsonl"),
+                             {"start": start, **asdict(args), "lora_r_used": lora_r})
     training.start_trackers(accelerator, args, "srpo-grpo")
     accelerator.print(f"GRPO on {accelerator.device}, processes: {world}, {len(prompts)} prompts, "
                       f"{args.prompts_per_step} x {args.group_size} samples per process per step")
@@ -463,22 +480,23 @@ def main(args: Args):
             break
         t0 = time.time()
         torch.manual_seed(args.seed * 1_000_003 + step * world + rank)  # sampling repeatable across --resume
-        batch_prompts, images = batch_images(step_prompts(prompts, step, args.prompts_per_step, args.seed, rank, world),
-                                             prompts, args.max_pixels, log=tqdm.write)
+        mine = step_prompts(prompts, step, args.prompts_per_step, args.seed, rank, world)
+        batch_prompts, images = batch_images(mine, prompts, args.max_pixels, log=tqdm.write)
         P, G = len(batch_prompts), args.group_size
 
         # 1. Group sampling: every prompt G times, sampled at temperature T (old policy = current).
         enc = dataset.encode_prompts(processor, [p["question"] for p in batch_prompts], images, system)
-        group = repeat_for_group({k: v.to(accelerator.device) for k, v in enc.items()}, G, vision_start)  # (P*G, Lp)
+        enc = {k: v.to(accelerator.device) for k, v in enc.items()}
+        group = repeat_for_group(enc, G, vision_start)  # (P*G, Lp)
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.eval()
         with accelerator.autocast():
             # Sharded weights (ZeRO-3, FSDP): every process must run the same number of forward passes,
             # so the ones that finish first keep stepping until all are done (synced_gpus).
-            completion, mask, texts = common.generate(unwrapped, processor, group, max_new_tokens=args.max_new_tokens,
-                                                      temperature=args.temperature, top_p=args.top_p,
-                                                      min_new_tokens=args.min_new_tokens,
-                                                      synced_gpus=training.weights_sharded(accelerator) or None)
+            completion, mask, texts = rollout.generate(
+                unwrapped, processor, group, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                top_p=args.top_p, min_new_tokens=args.min_new_tokens, rollout=args.rollout,
+                synced_gpus=training.weights_sharded(accelerator) or None)
         t_gen = time.time() - t0
 
         # 2. Rewards (Eqs. 4-8): every response against its OWN prompt's gold answer.
@@ -509,8 +527,8 @@ def main(args: Args):
                            (t_gen, t_score, time.time() - t0))
         if world > 1:
             keys = sorted(row)
-            row = dict(zip(keys, accelerator.reduce(torch.tensor([row[k] for k in keys], device=accelerator.device),
-                                                    "mean").tolist()))
+            values = torch.tensor([row[k] for k in keys], device=accelerator.device)
+            row = dict(zip(keys, accelerator.reduce(values, "mean").tolist()))
         row = {"step": step + 1, **row}
         accelerator.log(row, step=step + 1)
         if is_main:
@@ -519,12 +537,14 @@ def main(args: Args):
             tqdm.write(log_line(step + 1, row))
             if args.sample_every and (step + 1) % args.sample_every == 0:
                 for i in range(0, P * G, G):  # the first response of each group
-                    dataset.append_jsonl(samples_path, {"step": step + 1, "question": batch_prompts[i // G]["question"],
-                                                     "gold": batch_prompts[i // G]["answer"], "response": texts[i],
-                                                     **{k: scored[i][k] for k in rewards.REWARD_KEYS}})
+                    p = batch_prompts[i // G]
+                    dataset.append_jsonl(samples_path, {
+                        "step": step + 1, "question": p["question"], "gold": p["answer"],
+                        "response": texts[i],
+                        **{k: scored[i][k] for k in rewards.REWARD_KEYS}})
         if args.save_every and (step + 1) % args.save_every == 0:
-            training.save_checkpoint(accelerator, os.path.join(args.out_dir, "checkpoint"), scheduler=scheduler,
-                                     step=step + 1)
+            ckpt = os.path.join(args.out_dir, "checkpoint")
+            training.save_checkpoint(accelerator, ckpt, scheduler=scheduler, step=step + 1)
 
     accelerator.wait_for_everyone()
     if args.stop_after and start + args.stop_after < args.steps:
@@ -533,8 +553,9 @@ def main(args: Args):
     accelerator.end_training()
     if is_main:
         rows = dataset.read_jsonl(metrics_path)
-        training.plot_metrics(rows, ["reward", "final_accuracy", "first_accuracy", "wrong_to_right", "response_tokens"],
-                              os.path.join(args.out_dir, "curves.png"), title=f"GRPO, reward={args.reward}")
+        curves = ["reward", "final_accuracy", "first_accuracy", "wrong_to_right", "response_tokens"]
+        training.plot_metrics(rows, curves, os.path.join(args.out_dir, "curves.png"),
+                              title=f"GRPO, reward={args.reward}")
         print(f"saved to {args.out_dir}")
         return {"metrics": rows}
     return {}

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 import benchmarks
 import cli
-import common
+import rollout
 import dataset
 import grading
 import llm_client
@@ -50,7 +50,8 @@ import report
 
 @dataclass
 class Args:
-    """Evaluate one model, or compare several, on a benchmark; print and save the tables."""
+    """Evaluate one model, or compare several, on a benchmark; print and save the tables. Resume: rerun
+    the same command (items already in items.jsonl are skipped)."""
 
     benchmark: str = "toy"
     """toy (the two-step task) | toy-dots (the dots task) | mathvista | mathverse | mathvision | mmmu_pro"""
@@ -250,7 +251,7 @@ def make_generator(model_path, args, max_new_tokens, prompt):
                                           adapter_path=adapter)
 
     def generate(questions, images):
-        return common.generate_responses(model, processor, questions, images,
+        return rollout.generate_responses(model, processor, questions, images,
                                          system_prompt=dataset.SYSTEM_PROMPTS[prompt],
                                          max_new_tokens=max_new_tokens, temperature=0.0,
                                          batch_size=len(questions), desc="generate")

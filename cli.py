@@ -12,8 +12,8 @@ Why our own 25-line parser instead of tyro (CleanRL's choice): it reads the same
 needs no extra dependency, and its --help is plain argparse.
 
 Errors a user causes (a bad flag value, a malformed row) raise UserError, a missing file
-FileNotFoundError, and `run` prints them as one line naming the file, row or field, and exits with status 2; bugs keep
-their traceback.
+FileNotFoundError, and `run` prints them as one line naming the file, row or field, and exits with
+status 2; bugs keep their traceback.
 """
 
 import argparse
@@ -38,12 +38,13 @@ def parse_args(cls, argv=None):
     for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):  # shared fields: DataArgs
         body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
         for node, nxt in zip(body, body[1:]):
-            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            documented = isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+            if isinstance(node, ast.AnnAssign) and documented:
                 docs[node.target.id] = nxt.value.value.replace("%", "%%")  # argparse %-formats help strings
     parser = argparse.ArgumentParser(description=(cls.__doc__ or "").strip(),
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(cls):
-        # String annotations (`from __future__ import annotations`) are evaluated; `str | None` etc. are objects.
+        # String annotations (`from __future__ import annotations`) are evaluated; `str | None` are objects.
         kind = eval(f.type, vars(inspect.getmodule(cls))) if isinstance(f.type, str) else f.type  # noqa: S307
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if kind is bool:

@@ -46,7 +46,8 @@ def load_policy(model_path, *, dtype="auto", load_in_4bit=False, lora_r=0, lora_
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype == "auto":
-        dtype = "bfloat16" if device != "cpu" and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+        bf16 = device != "cpu" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        dtype = "bfloat16" if bf16 else "float32"
     torch_dtype = getattr(torch, dtype)
     kwargs = {"dtype": torch_dtype}
     if load_in_4bit:
@@ -60,6 +61,9 @@ def load_policy(model_path, *, dtype="auto", load_in_4bit=False, lora_r=0, lora_
             llm_int8_skip_modules=["model.visual", "lm_head"])
         kwargs["device_map"] = {"": device if device != "cuda" else torch.cuda.current_device()}
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_path, **kwargs)
+    # Qwen2.5-VL-Instruct's generation_config.json asks for repetition_penalty 1.05: GRPO's ratios assume
+    # the samples come from plain softmax(logits / T), and the paper's evaluation decodes greedily.
+    model.generation_config.repetition_penalty = 1.0
     if not load_in_4bit:
         model.to(device)
     if freeze_vision:
@@ -114,7 +118,8 @@ def save_model(model, processor, path, merge_lora=False):
         if merge_lora:
             merged = model.merge_and_unload() if not getattr(base, "is_loaded_in_4bit", False) else None
             if merged is None:
-                raise ValueError("--merge_lora needs unquantised base weights; reload the base in bf16 to merge")
+                raise ValueError("--merge_lora needs unquantised base weights; reload the base in bf16 to "
+                                 "merge")
             merged.save_pretrained(os.path.join(path, "merged"), safe_serialization=True)
             processor.save_pretrained(os.path.join(path, "merged"))
     else:

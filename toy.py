@@ -367,12 +367,12 @@ def evaluate_toy(model, processor, *, n, style, max_new_tokens=48, batch_size=64
     """
     from collections import defaultdict
 
-    import common
+    import rollout
     import dataset
     import rewards
 
     test = toy_dataset("test", n, task=getattr(processor, "task", "toy"))
-    texts = common.generate_responses(model, processor, test["question"], test["image"],
+    texts = rollout.generate_responses(model, processor, test["question"], test["image"],
                                       system_prompt=dataset.SYSTEM_PROMPTS[style],
                                       max_new_tokens=max_new_tokens, batch_size=batch_size, desc=desc)
     variant = "paper" if style == "reflect" else "grpo"

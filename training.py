@@ -24,7 +24,8 @@ class TrainArgs:
     """The flags 02 and 03 share; each script sets its own defaults (the paper's, scaled to the toy)."""
 
     model: str = "models/toy_base"
-    """policy to train: a local directory or hub id (e.g. Qwen/Qwen2.5-VL-7B-Instruct); a LoRA output directory works too"""
+    """policy to train: a local directory or hub id (e.g. Qwen/Qwen2.5-VL-7B-Instruct); a LoRA output
+    directory works too"""
     out_dir: str = "runs/toy/run"
     """where the model, metrics.jsonl, plots and checkpoint/ go"""
     seed: int = 0
@@ -106,7 +107,8 @@ def load_trainable_policy(args, accelerator, lora_r):
     frozen base (training_dtype); a LoRA directory as --model loads its adapter on its base."""
     base, adapter = policy.resolve_model(args.model)
     return policy.load_policy(
-        base, dtype=training_dtype(accelerator, frozen_base=bool(lora_r)), adapter_path=adapter, lora_r=lora_r,
+        base, dtype=training_dtype(accelerator, frozen_base=bool(lora_r)), adapter_path=adapter,
+        lora_r=lora_r,
         lora_alpha=args.lora_alpha or None, load_in_4bit=args.load_in_4bit, freeze_vision=args.freeze_vision,
         gradient_checkpointing=args.gradient_checkpointing, device=str(accelerator.device))
 
@@ -164,7 +166,8 @@ def training_dtype(accelerator, frozen_base):
     in the autocast dtype on a GPU."""
     from accelerate import DistributedType
 
-    if accelerator.device.type == "cuda" and (frozen_base or accelerator.distributed_type == DistributedType.DEEPSPEED):
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if accelerator.device.type == "cuda" and (frozen_base or deepspeed):
         return {"bf16": "bfloat16", "fp16": "float16"}[accelerator.mixed_precision]
     return "float32"
 
@@ -199,7 +202,8 @@ def prepare_deepspeed(accelerator, micro_batch, grad_clip):
     if clip in (None, "auto"):  # unset: ours (DeepSpeed would not clip; accelerate would fill in 1.0)
         config["gradient_clipping"] = grad_clip
     elif float(clip) != grad_clip:
-        accelerator.print(f"note: DeepSpeed clips gradients at {clip} (its config's gradient_clipping), not at {grad_clip}")
+        accelerator.print(f"note: DeepSpeed clips gradients at {clip} (its config's gradient_clipping), "
+                          f"not at {grad_clip}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,7 +264,7 @@ def keep_trainable_in_checkpoints(accelerator):
                 missing = trainable(model) - set(f.keys())
             if missing:
                 raise cli.UserError(f"{input_dir}: the checkpoint lacks {len(missing)} trainable weights "
-                                    f"(e.g. {sorted(missing)[0]}): was it written with other --lora_r or model?")
+                                    f"(e.g. {sorted(missing)[0]}): written with another --lora_r or model?")
 
     if not is_sharded(accelerator):
         accelerator.register_save_state_pre_hook(on_save)
@@ -313,16 +317,19 @@ def save_final(accelerator, model, processor, out_dir, *, sharded=False, merge_l
     if not sharded:
         dtype = (torch.bfloat16 if accelerator.mixed_precision == "bf16" else None) if dtype == "auto" else \
             getattr(torch, dtype)
-        if dtype is not None and not hasattr(accelerator.unwrap_model(model), "peft_config"):  # full fine-tuning
+        full = not hasattr(accelerator.unwrap_model(model), "peft_config")  # full fine-tuning
+        if dtype is not None and full:
             accelerator.unwrap_model(model).to(dtype)
         if accelerator.is_main_process:
             policy.save_model(accelerator.unwrap_model(model), processor, out_dir, merge_lora=merge_lora)
     else:
         if merge_lora:
-            accelerator.print("--merge_lora is not supported under ZeRO/FSDP; merge the saved adapter afterwards")
+            accelerator.print("--merge_lora is not supported under ZeRO/FSDP; merge the saved adapter "
+                              "afterwards")
         state_dict = accelerator.get_state_dict(model)  # ZeRO-3: None on all processes but the main one
         if accelerator.is_main_process:
-            accelerator.unwrap_model(model).save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
+            accelerator.unwrap_model(model).save_pretrained(out_dir, state_dict=state_dict,
+                                                            safe_serialization=True)
             processor.save_pretrained(out_dir)
     accelerator.wait_for_everyone()
 

@@ -40,6 +40,13 @@ import torch
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 sys.path.insert(0, HERE)
+
+import cli  # noqa: E402 (the repository's modules, after the path)
+import dataset  # noqa: E402
+import policy  # noqa: E402
+import rollout  # noqa: E402
+import toy  # noqa: E402
+
 # name: (prompts per step, steps, gradient checkpointing, seconds left needed to start it)
 RUNS = {"p1gc": (1, 3, True, 0), "p1": (1, 2, False, 120), "p4": (4, 2, True, 170)}
 
@@ -89,10 +96,6 @@ def build_processor(tok, image_size):
 
 def build_model(a, device):
     """Random-weight model + processor saved to a.model_dir. Returns timings and sizes."""
-    import common
-    import dataset
-    import policy
-    import toy
     from PIL import Image
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -136,10 +139,6 @@ def build_model(a, device):
 
 def write_prompts(path, n, image_size):
     """Toy RL prompts as the local JSONL 03 reads (--data), images upscaled to image_size x image_size."""
-    import common
-    import dataset
-    import policy
-    import toy
     from PIL import Image
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -190,8 +189,6 @@ def child(cfg):
     """Runs in a fresh process: 03_grpo.main with load, generation and metric rows instrumented."""
     import importlib.util
 
-    import common
-
     sys.argv = ["03_grpo.py"] + cfg["argv"]
     spec = importlib.util.spec_from_file_location("grpo", os.path.join(HERE, "03_grpo.py"))
     grpo = importlib.util.module_from_spec(spec)
@@ -201,7 +198,7 @@ def child(cfg):
     gib = (lambda: torch.cuda.max_memory_allocated() / 2**30) if cuda else (lambda: 0.0)
     reserved = (lambda: torch.cuda.max_memory_reserved() / 2**30) if cuda else (lambda: 0.0)
     peak = {"run": 0.0, "gen": 0.0, "reserved": 0.0}
-    load, gen, append = policy.load_policy, common.generate, dataset.append_jsonl
+    load, gen, append = policy.load_policy, rollout.generate, dataset.append_jsonl
 
     def load_policy(*args, **kw):
         t = time.time()
@@ -230,13 +227,12 @@ def child(cfg):
                    "peak_reserved_gib": peak["reserved"]}
         append(path, row)
 
-    policy.load_policy, common.generate, dataset.append_jsonl = load_policy, generate, append_jsonl
+    policy.load_policy, rollout.generate, dataset.append_jsonl = load_policy, generate, append_jsonl
     grpo.main(cli.parse_args(grpo.Args))
 
 
 def run_grpo(a, name, data, deadline):
     """One 03_grpo.py run in a fresh process, cut off at `deadline`. Returns its summary (or None)."""
-    import common
 
     P, steps, ckpt, need = RUNS[name]
     left = deadline - time.time()

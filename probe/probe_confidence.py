@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import cli  # noqa: E402
-import common
+import rollout
 import dataset
 import policy
 import toy
@@ -138,7 +138,7 @@ def main(args: Args):
     model.eval()
     test = toy.toy_dataset("test", args.n, task=processor.task)
     system_prompt = dataset.SYSTEM_PROMPTS[args.prompt]
-    responses = common.generate_responses(model, processor, test["question"], test["image"],
+    responses = rollout.generate_responses(model, processor, test["question"], test["image"],
                                           system_prompt=system_prompt, max_new_tokens=args.max_new_tokens,
                                           batch_size=args.batch_size, desc="answer")
     problems, all_reads = [], []

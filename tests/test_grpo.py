@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-import common
+import rollout
 import dataset
 import policy
 import rewards
@@ -52,7 +52,7 @@ def _rollout(model_dir, G=2, n=3, T=1.0, max_new_tokens=24):
     group = grpo.repeat_for_group(enc, G, vs)
     torch.manual_seed(0)
     model.eval()
-    comp, mask, texts = common.generate(model, proc, group, max_new_tokens=max_new_tokens, temperature=T)
+    comp, mask, texts = rollout.generate(model, proc, group, max_new_tokens=max_new_tokens, temperature=T)
     return model, proc, enc, group, comp, mask, vs
 
 
@@ -99,11 +99,11 @@ def test_training_logprobs_match_sampling_distribution(base_model_dir):
     torch.manual_seed(0)
     out = model.generate(**enc, max_new_tokens=12, do_sample=True, temperature=T, top_k=0, top_p=1.0,
                          output_scores=True, return_dict_in_generate=True,
-                         eos_token_id=common.eos_token_ids(proc), pad_token_id=proc.tokenizer.pad_token_id)
+                         eos_token_id=rollout.eos_token_ids(proc), pad_token_id=proc.tokenizer.pad_token_id)
     comp = out.sequences[:, enc["input_ids"].shape[1]:]
     sampled = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], 1)  # processed = logits / T
     sampled = sampled.gather(-1, comp.unsqueeze(-1)).squeeze(-1)
-    mask = common.completion_mask(comp, common.eos_token_ids(proc)).bool()
+    mask = rollout.completion_mask(comp, rollout.eos_token_ids(proc)).bool()
     with torch.no_grad():
         train = grpo.token_logprobs(model, enc, comp, T, 2, vs)
     assert torch.allclose(train[mask], sampled[mask], atol=1e-4)
@@ -112,7 +112,7 @@ def test_training_logprobs_match_sampling_distribution(base_model_dir):
 def test_completion_mask_stops_at_first_eos_when_pad_is_eos():
     eos = 2
     ids = torch.tensor([[5, 6, 2, 2, 2], [2, 2, 2, 2, 2], [5, 5, 5, 5, 5], [7, 2, 9, 2, 2]])
-    m = common.completion_mask(ids, [eos])
+    m = rollout.completion_mask(ids, [eos])
     assert m.tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
 
 

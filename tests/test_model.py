@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import cli
-import common
+import rollout
 import dataset
 import policy
 import toy
@@ -170,9 +170,9 @@ def test_completion_mask_stops_at_first_eos_even_when_pad_is_eos():
                         [5, 6, 7, 8],    # never ends: all kept
                         [2, 2, 2, 2],    # ends at once
                         [5, 9, 3, 2]])   # a second EOS id (e.g. <|endoftext|> beside <|im_end|>)
-    assert common.completion_mask(ids, [2]).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 1]]
-    assert common.completion_mask(ids, [2, 9]).tolist()[3] == [1, 1, 0, 0]
-    assert common.completion_mask(ids, [2]).dtype == torch.long
+    assert rollout.completion_mask(ids, [2]).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 1]]
+    assert rollout.completion_mask(ids, [2, 9]).tolist()[3] == [1, 1, 0, 0]
+    assert rollout.completion_mask(ids, [2]).dtype == torch.long
 
 
 def test_batched_left_padded_greedy_equals_one_by_one(base_model_dir):
@@ -191,13 +191,13 @@ def test_batched_left_padded_greedy_equals_one_by_one(base_model_dir):
             single = dataset.encode_prompts(processor, questions[i:i + 1], images[i:i + 1], PLAIN)
             torch.testing.assert_close(batched_logits[i], model(**single).logits[0, -1], atol=1e-4, rtol=1e-4)
 
-    eos = common.eos_token_ids(processor)
-    ids, mask, texts = common.generate(model, processor, batch, max_new_tokens=24)
+    eos = rollout.eos_token_ids(processor)
+    ids, mask, texts = rollout.generate(model, processor, batch, max_new_tokens=24)
     assert ids.shape[0] == len(questions) and mask.shape == ids.shape
     assert any("<think>" in t for t in texts), texts  # the base model writes real text
     for i in range(len(questions)):
         single = dataset.encode_prompts(processor, questions[i:i + 1], images[i:i + 1], PLAIN)
-        ids1, mask1, texts1 = common.generate(model, processor, single, max_new_tokens=24)
+        ids1, mask1, texts1 = rollout.generate(model, processor, single, max_new_tokens=24)
         n, n1 = int(mask[i].sum()), int(mask1[0].sum())
         assert n == n1 and torch.equal(ids[i, :n], ids1[0, :n1]), (i, texts[i], texts1[0])
         assert texts[i] == texts1[0]
@@ -274,7 +274,7 @@ def test_4bit_lora_train_generate_train_on_cpu(tiny_model_dir):
     # An eval-mode forward (generation) between two training steps: on avx512_bf16 CPUs bitsandbytes
     # repacks the 4-bit weights here and the next backward used to fail.
     model.eval()
-    ids, mask, texts = common.generate(model, processor, dataset.encode_prompts(processor, qs, ims, PLAIN), max_new_tokens=4)
+    ids, mask, texts = rollout.generate(model, processor, dataset.encode_prompts(processor, qs, ims, PLAIN), max_new_tokens=4)
     assert ids.shape == (2, 4) and len(texts) == 2
     for m in model.modules():  # ...because policy.load_policy turns that repacking off
         if isinstance(m, bnb.nn.Linear4bit):

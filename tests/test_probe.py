@@ -2,7 +2,7 @@
 
 import json
 
-import common
+import rollout
 import dataset
 import policy
 import toy
@@ -40,7 +40,7 @@ def test_read_probabilities_are_the_greedy_choices(base_model_dir):
     test = toy.toy_dataset("test", 12)
     problems = [test[i] for i in range(12)]
     system = dataset.SYSTEM_PROMPTS["plain"]
-    responses = common.generate_responses(model, processor, test["question"], test["image"], system_prompt=system,
+    responses = rollout.generate_responses(model, processor, test["question"], test["image"], system_prompt=system,
                                           max_new_tokens=48, batch_size=12)
     reads = probe.read_probabilities(model, processor, problems, responses, system)
     n = sum(len(row) for row in reads)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import common
+import rollout
 import dataset
 import policy
 import toy
@@ -211,7 +211,7 @@ def test_lora_and_qlora_train_and_save(tiny_model_dir, sft_data, tmp_path, mode)
     assert any("lora_B" in n and t.abs().sum() > 0 for n, t in trained.items())  # B starts at 0: it moved
     batch = dataset.encode_prompts(processor, ["How many red dots are there?"], [toy.make_problem(1)["image"]],
                                   dataset.SYSTEM_PROMPTS["reflect"])
-    assert len(common.generate(model, processor, batch, max_new_tokens=4)[2]) == 1
+    assert len(rollout.generate(model, processor, batch, max_new_tokens=4)[2]) == 1
     if mode == "lora":  # the merged copy is a plain checkpoint
         merged, _ = policy.load_policy(str(out / "merged"), device="cpu")
         assert not hasattr(merged, "peft_config")
