@@ -436,7 +436,7 @@ def reflect_target(a, reflection) -> str:
 
 def main(args: Args):
     if args.teacher not in TEACHERS:
-        raise ValueError(f"--teacher must be one of {sorted(TEACHERS)}, got {args.teacher!r}")
+        raise cli.UserError(f"--teacher must be one of {sorted(TEACHERS)}, got {args.teacher!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -448,10 +448,10 @@ def main(args: Args):
 
     # 1. Problems: drop rows with no question or a gold that is not a letter or a number.
     if not args.image_column:
-        raise ValueError("01 needs --image_column: the teacher and the SFT rows work on the problem's image")
+        raise cli.UserError("01 needs --image_column: the teacher and the SFT rows work on the problem's image")
     ds, base_dir = dataset.load_problems(args, args.pool_size, args.seed)
     if args.teacher == "oracle" and "solution" not in ds.column_names:
-        raise ValueError("--teacher oracle only works on toy problems (it reads their `solution` column); "
+        raise cli.UserError("--teacher oracle only works on toy problems (it reads their `solution` column); "
                          "use --teacher openai or --teacher hf")
     problems, skipped = screen_pool(ds, args)
     known = {r["id"] for r in dataset.read_jsonl(paths["skipped"])}
@@ -535,6 +535,6 @@ def main(args: Args):
 
 if __name__ == "__main__":
     try:
-        main(cli.parse_args(Args))
+        cli.run(main, Args)
     except KeyboardInterrupt:  # everything finished so far is on disk
         sys.exit("interrupted: rerun the same command to resume")

@@ -144,7 +144,7 @@ def make_judge(base_url, model, api_key_env, timeout=60, max_retries=2):
     returned unchanged, so the rules score it."""
     key = os.environ.get(api_key_env, "")
     if not key:
-        raise SystemExit(f"--judge_base_url is set but the environment variable {api_key_env} is empty")
+        raise cli.UserError(f"--judge_base_url is set but the environment variable {api_key_env} is empty")
     client = llm_client.ChatClient(base_url, model, key, timeout_s=timeout, max_retries=max_retries)
 
     def extract(question, text):
@@ -244,7 +244,7 @@ def make_generator(model_path, args, max_new_tokens, prompt):
     """Load the model; return generate(questions, images) -> responses, greedy, in the chosen format."""
     local = model_path.startswith((".", "/", "runs")) or model_path.count("/") != 1  # not a hub id
     if local and not os.path.exists(model_path):
-        raise SystemExit(f"no model at {model_path}: train it first (see the README / Makefile) "
+        raise cli.UserError(f"no model at {model_path}: train it first (see the README / Makefile) "
                          f"or pass --model")
     base, adapter = policy.resolve_model(model_path)  # a LoRA output dir names its base model
     model, processor = policy.load_policy(base, dtype=args.dtype, load_in_4bit=args.load_in_4bit,
@@ -424,7 +424,7 @@ def parse_models(spec, default_prompt="reflect"):
         name, _, path = part.rpartition("=") if "=" in part else ("", "", part)
         path, _, prompt = path.partition("@")
         if (prompt or default_prompt) not in dataset.SYSTEM_PROMPTS:
-            raise SystemExit(f"unknown prompt {prompt!r} in --models {part!r}; "
+            raise cli.UserError(f"unknown prompt {prompt!r} in --models {part!r}; "
                              f"choose from {list(dataset.SYSTEM_PROMPTS)}")
         models[name or Path(path.rstrip("/")).name] = (path, prompt or default_prompt)
     return models
@@ -434,7 +434,7 @@ def _check_run(model_dir, settings):
     """Refuse to resume a run made with other settings: its rows would silently mix with the new ones."""
     path = Path(model_dir, "run.json")
     if path.exists() and (old := json.loads(path.read_text())) != settings:
-        raise SystemExit(f"{model_dir} holds results made with {old}, not {settings}; "
+        raise cli.UserError(f"{model_dir} holds results made with {old}, not {settings}; "
                          f"delete it or choose another --out_dir")
     os.makedirs(model_dir, exist_ok=True)
     path.write_text(json.dumps(settings, indent=2))

@@ -20,6 +20,7 @@ import re
 from functools import partial
 from pathlib import Path
 
+import cli
 import grading
 
 DEFAULT_SPLITS = {"toy": "test", "toy-dots": "test", "mathvista": "testmini", "mathverse": "testmini",
@@ -53,7 +54,7 @@ def load_items(benchmark, split="", data_dir="", limit=0, seed=0):
                "mathvista": _load_mathvista, "mathverse": _load_mathverse,
                "mathvision": _load_mathvision, "mmmu_pro": _load_mmmu_pro}
     if benchmark not in loaders:
-        raise ValueError(f"unknown benchmark {benchmark!r}; choose from {sorted(loaders)}")
+        raise cli.UserError(f"unknown benchmark {benchmark!r}; choose from {sorted(loaders)}")
     items = loaders[benchmark](split, data_dir, limit)
     return items[:limit] if limit else items
 

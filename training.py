@@ -7,6 +7,7 @@ CPU tests exercise is the one a cluster uses.
 """
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -78,6 +79,9 @@ def check_train_args(args):
     """The shared flags' values, checked before any model loads."""
     cli.check_choice("save_dtype", args.save_dtype, SAVE_DTYPES)
     cli.check_choice("report_to", args.report_to, TRACKERS)
+    if args.report_to != "none" and importlib.util.find_spec(args.report_to) is None:  # accelerate only warns
+        raise cli.UserError(f"--report_to {args.report_to}: the package is not installed "
+                            f"(pip install {args.report_to})")
     for flag in ("lr", "grad_clip"):
         if not getattr(args, flag) > 0:
             raise cli.UserError(f"--{flag} must be > 0; got {getattr(args, flag)}")
