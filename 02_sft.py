@@ -318,7 +318,7 @@ def main(args: Args):
                                 f"{extra.get('total_steps')} steps; now {steps_per_epoch} and {total_steps} "
                                 "(same --data, --batch_size, --epochs and --max_steps are needed to resume)")
         summary.update({k: extra[k] for k in ("before", "before_plain") if k in extra})
-        log(f"(epoch {extra['epoch']}, batch {extra['batch_in_epoch']})")
+        log(f"resuming at epoch {extra['epoch']}, batch {extra['batch_in_epoch']}")
     training.start_trackers(accelerator, args, "srpo-sft")
 
     # ---- training loop: one iteration = one optimizer step over the effective batch

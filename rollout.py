@@ -506,7 +506,7 @@ def generate(model, processor, batch, *, max_new_tokens, temperature=0.0, top_p=
     """The rollout: `fast_generate` where it applies (rollout='fast'), else HF `generate`; the choice
     and its reason are printed once per process. Returns (completion_ids (B, T), completion_mask (B, T),
     texts); vision special tokens are never sampled."""
-    use_fast, why = (False, "--rollout hf") if rollout == "hf" else \
+    use_fast, why = (False, "rollout='hf' asked for") if rollout == "hf" else \
         fast_path_support(model, bool(synced_gpus))
     line = f"rollout: {'fast' if use_fast else 'HF generate'} ({why})"
     if line not in _said:

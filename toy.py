@@ -367,8 +367,8 @@ def evaluate_toy(model, processor, *, n, style, max_new_tokens=48, batch_size=64
     """
     from collections import defaultdict
 
-    import rollout
     import dataset
+    import rollout
     import rewards
 
     test = toy_dataset("test", n, task=getattr(processor, "task", "toy"))

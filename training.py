@@ -112,8 +112,8 @@ def load_trainable_policy(args, accelerator, lora_r):
     base, adapter = policy.resolve_model(args.model)
     return policy.load_policy(
         base, dtype=training_dtype(accelerator, frozen_base=bool(lora_r)), adapter_path=adapter,
-        lora_r=lora_r,
-        lora_alpha=args.lora_alpha or None, load_in_4bit=args.load_in_4bit, freeze_vision=args.freeze_vision,
+        lora_r=lora_r, lora_alpha=args.lora_alpha or None, load_in_4bit=args.load_in_4bit,
+        freeze_vision=args.freeze_vision,
         gradient_checkpointing=args.gradient_checkpointing, device=str(accelerator.device))
 
 
