@@ -38,10 +38,11 @@ import torch
 from tqdm.auto import tqdm
 
 import cli
-import rollout
 import dataset
-import policy
+import evaluation
 import grading
+import policy
+import rollout
 import toy
 import training
 
@@ -195,8 +196,9 @@ def main(args: Args):
     train_s = time.time() - t0
 
     policy.save_model(model, processor, out_dir)
-    ev, _ = toy.evaluate_toy(model, processor, n=eval_size, style="plain")
-    acc = {**ev["per_family"], "all": ev["final_correct"]}
+    summary, _ = evaluation.check_toy(model, processor, n=eval_size, prompt="plain", max_new_tokens=48)
+    acc = {**{f: c["final_acc"] / 100 for f, c in summary["categories"].items()},
+           "all": summary["overall"]["final_acc"] / 100}
     result = {"task": task, "accuracy": acc, "parameters": n_params, "build_seconds": round(train_s, 1),
               "seed": args.seed, "steps": steps}
     print(f"base model saved to {out_dir} in {train_s:.0f}s")

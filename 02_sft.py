@@ -73,8 +73,8 @@ from tqdm.auto import tqdm
 
 import cli
 import dataset
+import evaluation
 import policy
-import toy
 import training
 
 
@@ -214,13 +214,72 @@ def target_ce_sum(model, batch):
     return ce, int((targets != -100).sum())
 
 
+def sft_step(model, accelerator, optimizer, scheduler, batches, args):
+    """One optimizer step over this process's micro-batches of the effective batch. Returns (loss,
+    target tokens of the whole effective batch, grad_norm, the lr this step used)."""
+    world = accelerator.num_processes
+    # Eq. (1) normalised by the target tokens of the whole effective batch (all processes).
+    local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    n_tokens = int(accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum"))
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for b in batches:
+        b = {k: v.to(accelerator.device) for k, v in b.items()}
+        with accelerator.accumulate(model):  # syncs gradients only on the last micro-batch
+            ce_sum, _ = target_ce_sum(model, b)
+            # accelerate divides by grad_accum and DDP averages over processes: undo both, so the
+            # gradient is that of sum(CE) / n_tokens over the effective batch.
+            accelerator.backward(ce_sum * args.grad_accum * world / max(n_tokens, 1))
+            loss_sum += ce_sum.detach()
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
+    lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    loss = float(accelerator.reduce(loss_sum, "sum")) / max(n_tokens, 1)
+    return loss, n_tokens, grad_norm, lr
+
+
 # ----------------------------------------------------------------------------------------------
-# Before/after check on toy test problems
+# Before/after check on toy test problems (evaluation.check_toy: 04_eval.py's rules)
 
 
-def eval_line(name, r):
-    return (f"{name}: well-formed {r['well_formed']:.0%}, reflection {r['has_reflection']:.0%}, "
-            f"first answer right {r['first_correct']:.0%}, final answer right {r['final_correct']:.0%} (n={r['n']})")
+def toy_check(model, processor, args, style, when):
+    """How the policy answers the first --eval_size toy test problems, greedily, in the data's prompt
+    style, and before training also in plain chain of thought (what the starting model was trained
+    on: its real skill). Returns {"before"/"after"(/"before_plain"): summary}; the answers in the
+    data's style go to eval_samples.jsonl."""
+    checks = [(when, style)] + ([("before_plain", "plain")] if when == "before" and style != "plain" else [])
+    out = {}
+    for key, prompt in checks:
+        out[key], rows = evaluation.check_toy(model, processor, n=args.eval_size, prompt=prompt,
+                                              max_new_tokens=args.eval_max_new_tokens,
+                                              batch_size=args.eval_batch_size, desc=f"eval {key}")
+        if key == when:
+            with open(os.path.join(args.out_dir, "eval_samples.jsonl"), "w" if when == "before" else "a") as f:
+                f.writelines(json.dumps({"when": when, **r}) + "\n" for r in rows)
+    return out
+
+
+def eval_line(name, s):
+    r = s["reflection"]
+    return (f"{name}: reflection {r['reflection_rate']:.0f}%, first answer right {r['first_acc']:.0f}%, "
+            f"final answer right {r['final_acc']:.0f}% (n={s['n']})")
+
+
+def write_summary(summary, args, style, log):
+    """sft_summary.json and loss.png, and the before/after lines (main process)."""
+    rows = dataset.read_jsonl(os.path.join(args.out_dir, "metrics.jsonl"))
+    training.plot_metrics(rows, ["loss", "lr"], os.path.join(args.out_dir, "loss.png"),
+                          title=f"SFT on {os.path.basename(args.data)}")
+    summary.update(first_loss=rows[0]["loss"], final_loss=rows[-1]["loss"])
+    for key, name in (("before_plain", "before SFT, plain prompt"), ("before", f"before SFT, {style} prompt"),
+                      ("after", f"after SFT,  {style} prompt")):
+        if key in summary:
+            log(eval_line(name, summary[key]))
+    with open(os.path.join(args.out_dir, "sft_summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    log(f"trained {summary['steps']} steps in {summary['train_seconds']:.0f}s: loss {rows[0]['loss']:.3f} -> "
+        f"{rows[-1]['loss']:.3f}; model saved to {args.out_dir}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,15 +296,29 @@ def trainable_digest(model):
 
 
 # ----------------------------------------------------------------------------------------------
+# The loop
+
+
+def check_args(args):
+    """Every flag value, checked before a model loads."""
+    training.check_train_args(args)
+    for flag in ("batch_size", "grad_accum", "epochs"):
+        if getattr(args, flag) < 1:
+            raise cli.UserError(f"--{flag} must be at least 1; got {getattr(args, flag)}")
+
+
+def micro_batch_size(args, world):
+    """Examples per micro-batch: --batch_size over processes x --grad_accum."""
+    if args.batch_size % (world * args.grad_accum):
+        raise cli.UserError(f"--batch_size {args.batch_size} must be a multiple of processes ({world}) x "
+                            f"--grad_accum ({args.grad_accum})")
+    return args.batch_size // (world * args.grad_accum)
 
 
 def main(args: Args):
     from accelerate.utils import gather_object
 
-    training.check_train_args(args)
-    for flag in ("batch_size", "grad_accum", "epochs"):
-        if getattr(args, flag) < 1:
-            raise cli.UserError(f"--{flag} must be at least 1; got {getattr(args, flag)}")
+    check_args(args)
     ds = load_sft_data(args.data)  # a bad file fails here, before a model loads
     accelerator = training.make_accelerator(args, grad_accum=args.grad_accum)
     if accelerator.gradient_accumulation_steps != args.grad_accum:  # e.g. set in an accelerate config
@@ -257,10 +330,7 @@ def main(args: Args):
     if args.threads:
         torch.set_num_threads(args.threads)
     cli.seed_everything(args.seed)
-    if args.batch_size % (world * args.grad_accum):
-        raise cli.UserError(f"--batch_size {args.batch_size} must be a multiple of processes ({world}) x "
-                            f"--grad_accum ({args.grad_accum})")
-    micro = args.batch_size // (world * args.grad_accum)
+    micro = micro_batch_size(args, world)
     t_start = time.time()
 
     # ---- data
@@ -276,41 +346,20 @@ def main(args: Args):
     # ---- model: full fine-tuning in fp32 master weights (bf16 autocast on GPU); frozen bases in bf16
     lora_r = args.lora_r or (16 if args.load_in_4bit else 0)  # 4-bit weights train only via LoRA
     model, processor = training.load_trainable_policy(args, accelerator, lora_r)
-    dtype = training.training_dtype(accelerator, frozen_base=bool(lora_r))
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    n_train, n_all = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
-    if not n_train:
-        raise cli.UserError(f"{args.model}: nothing to train (a LoRA adapter as --model needs --lora_r > 0)")
-    log(f"{args.model}: {n_train / 1e6:.2f}M of {n_all / 1e6:.2f}M parameters trainable "
-        f"({'QLoRA nf4, ' if args.load_in_4bit else ''}{f'LoRA r={lora_r}' if lora_r else 'full fine-tuning'}"
-        f", vision {'frozen' if args.freeze_vision else 'trained'}, {dtype} weights, "
-        f"{accelerator.mixed_precision} autocast, {accelerator.distributed_type.value} x {world})")
-
+    n_train = training.describe_trainable(model, args, accelerator, lora_r, log)
     os.makedirs(args.out_dir, exist_ok=True)
     do_eval = args.eval_size > 0 and policy.is_toy_dir(policy.resolve_model(args.model)[0]) and not sharded
-    summary = {"args": asdict(args), "lora_r_used": lora_r, "rows": len(ds), "steps": total_steps, "trainable_parameters": n_train}
-    ckpt_dir = os.path.join(args.out_dir, "checkpoint")
+    summary = {"args": asdict(args), "lora_r_used": lora_r, "rows": len(ds), "steps": total_steps,
+               "trainable_parameters": n_train}
     found = training.find_resume(args)
-    if do_eval and is_main and not found:  # how the starting policy answers, for the before/after line
-        summary["before"], samples = toy.evaluate_toy(model, processor, n=args.eval_size, style=style, desc="eval before",
-                                                  max_new_tokens=args.eval_max_new_tokens,
-                                                  batch_size=args.eval_batch_size)
-        if style != "plain":  # and in the plain CoT format it was trained on: its real skill
-            summary["before_plain"], _ = toy.evaluate_toy(model, processor, n=args.eval_size, style="plain",
-                                                      desc="eval before (plain)",
-                                                      max_new_tokens=args.eval_max_new_tokens,
-                                                      batch_size=args.eval_batch_size)
-        with open(os.path.join(args.out_dir, "eval_samples.jsonl"), "w") as f:
-            f.writelines(json.dumps({"when": "before", **s}) + "\n" for s in samples)
+    if do_eval and is_main and not found:  # how the starting policy answers, for the before/after lines
+        summary.update(toy_check(model, processor, args, style, "before"))
     accelerator.wait_for_everyone()
 
-    # ---- optimizer, schedule, distribution
+    # ---- optimizer, schedule, distribution; resume: weights, optimizer, scheduler, RNG, data position
     optimizer, scheduler = training.make_optimizer(args, model, total_steps)
     training.prepare_deepspeed(accelerator, micro, args.grad_clip)
     model, optimizer = accelerator.prepare(model, optimizer)
-
-    # ---- resume: weights, optimizer, scheduler, RNG and the data position
-    metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
     step, extra = training.start_or_resume(accelerator, args, found, scheduler=scheduler)
     if found:
         if extra.get("steps_per_epoch") != steps_per_epoch or extra.get("total_steps") != total_steps:
@@ -323,8 +372,7 @@ def main(args: Args):
 
     # ---- training loop: one iteration = one optimizer step over the effective batch
     model.train()
-    order, order_epoch, t0 = None, None, time.time()
-    start = step
+    order, order_epoch, t0, start = None, None, time.time(), step
     bar = tqdm(range(step, total_steps), desc="SFT", disable=not is_main, initial=step, total=total_steps)
     for step in bar:
         epoch, pos = divmod(step, steps_per_epoch)
@@ -335,32 +383,14 @@ def main(args: Args):
         batches = [encode_rows(processor, ds.select(mine[i:i + micro]), root=root, data_path=args.data,
                                max_pixels=args.max_pixels, max_len=args.max_len)
                    for i in range(0, len(mine), micro)]
-        # Eq. (1) normalised by the target tokens of the whole effective batch (all processes).
-        local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-        n_tokens = int(accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum"))
-        loss_sum = torch.zeros((), device=accelerator.device)
-        for b in batches:
-            b = {k: v.to(accelerator.device) for k, v in b.items()}
-            with accelerator.accumulate(model):  # syncs gradients only on the last micro-batch
-                ce_sum, _ = target_ce_sum(model, b)
-                # accelerate divides by grad_accum and DDP averages over processes: undo both, so the
-                # gradient is that of sum(CE) / n_tokens over the effective batch.
-                accelerator.backward(ce_sum * args.grad_accum * world / max(n_tokens, 1))
-                loss_sum += ce_sum.detach()
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
-        lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        loss, n_tokens, grad_norm, lr = sft_step(model, accelerator, optimizer, scheduler, batches, args)
         step += 1  # optimizer steps done
-
-        loss = float(accelerator.reduce(loss_sum, "sum")) / max(n_tokens, 1)
         row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss,
                "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
                "tokens": n_tokens, "seconds": round(time.time() - t0, 2)}
         accelerator.log(row, step=step)
         if is_main:
-            dataset.append_jsonl(metrics_path, row)
+            dataset.append_jsonl(os.path.join(args.out_dir, "metrics.jsonl"), row)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{row['lr']:.1e}")
         if args.stop_after and step == start + args.stop_after and step < total_steps:
             log(f"stopping at step {step} (--stop_after); continue with --resume")
@@ -369,39 +399,23 @@ def main(args: Args):
             extra = {"epoch": step // steps_per_epoch, "batch_in_epoch": step % steps_per_epoch,
                      "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "seed": args.seed,
                      "data": args.data, **{k: summary[k] for k in ("before", "before_plain") if k in summary}}
-            training.save_checkpoint(accelerator, ckpt_dir, scheduler=scheduler, step=step, extra=extra)
+            training.save_checkpoint(accelerator, os.path.join(args.out_dir, "checkpoint"), scheduler=scheduler,
+                                     step=step, extra=extra)
     bar.close()
-    train_seconds = time.time() - t0
+    summary["train_seconds"] = round(time.time() - t0, 1)
 
     # ---- save: the model once (gathered first when sharded), metrics plot, summary
     if not sharded:
-        digests = gather_object([trainable_digest(model)])  # one per process; all equal under DDP
-        summary["rank_digests"] = digests
+        summary["rank_digests"] = digests = gather_object([trainable_digest(model)])  # all equal under DDP
         if len(set(digests)) > 1:
             raise RuntimeError(f"processes disagree on the trained weights: {digests}")
     if is_main and do_eval:  # before save_final, which may cast the weights: same dtype as the "before" check
-        summary["after"], samples = toy.evaluate_toy(accelerator.unwrap_model(model), processor, n=args.eval_size,
-                                                 style=style, max_new_tokens=args.eval_max_new_tokens,
-                                                 batch_size=args.eval_batch_size, desc="eval after")
-        with open(os.path.join(args.out_dir, "eval_samples.jsonl"), "a") as f:
-            f.writelines(json.dumps({"when": "after", **s}) + "\n" for s in samples)
+        summary.update(toy_check(accelerator.unwrap_model(model), processor, args, style, "after"))
     training.save_final(accelerator, model, processor, args.out_dir, sharded=sharded, merge_lora=args.merge_lora,
-                      dtype=args.save_dtype)
-
+                        dtype=args.save_dtype)
     if is_main:
-        rows = dataset.read_jsonl(metrics_path)
-        training.plot_metrics(rows, ["loss", "lr"], os.path.join(args.out_dir, "loss.png"),
-                            title=f"SFT on {os.path.basename(args.data)}")
-        summary.update(train_seconds=round(train_seconds, 1), first_loss=rows[0]["loss"], final_loss=rows[-1]["loss"])
-        for key, name in (("before_plain", "before SFT, plain prompt"), ("before", f"before SFT, {style} prompt"),
-                          ("after", f"after SFT,  {style} prompt")):
-            if key in summary:
-                log(eval_line(name, summary[key]))
         summary["total_seconds"] = round(time.time() - t_start, 1)
-        with open(os.path.join(args.out_dir, "sft_summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        log(f"trained {total_steps} steps in {train_seconds:.0f}s: loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}; "
-            f"model saved to {args.out_dir}")
+        write_summary(summary, args, style, log)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary

@@ -143,39 +143,13 @@ def check_args(args):
 
 
 # ----------------------------------------------------------------------------------------------
-# Batches with images: Qwen-VL's pixel_values are flat (all patches of all images), indexed by
-# image_grid_thw, so selecting or repeating rows must select or repeat patch blocks with them.
-
-
-def _images_per_row(batch, vision_start_id):
-    return (batch["input_ids"] == vision_start_id).sum(1).tolist()
-
-
-def select_rows(batch, rows, vision_start_id):
-    """Sub-batch `rows` (a list of row indices, repeats allowed) with their images' patches."""
-    out = {k: v[rows] for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
-    if "pixel_values" in batch:
-        per_row = _images_per_row(batch, vision_start_id)
-        grids = batch["image_grid_thw"]
-        patches = grids.prod(-1).tolist()
-        img_start = [sum(per_row[:i]) for i in range(len(per_row))]
-        patch_start = [sum(patches[:j]) for j in range(len(patches))]
-        imgs = [j for r in rows for j in range(img_start[r], img_start[r] + per_row[r])]
-        if imgs:
-            out["image_grid_thw"] = grids[imgs]
-            out["pixel_values"] = torch.cat([batch["pixel_values"][patch_start[j]:patch_start[j] + patches[j]]
-                                             for j in imgs])
-    return out
+# The pieces of the GRPO objective
 
 
 def repeat_for_group(batch, G, vision_start_id):
     """Each prompt repeated G times in a row: (P, ...) -> (P*G, ...), images included."""
     P = batch["input_ids"].shape[0]
-    return select_rows(batch, [i for i in range(P) for _ in range(G)], vision_start_id)
-
-
-# ----------------------------------------------------------------------------------------------
-# The pieces of the GRPO objective
+    return dataset.select_rows(batch, [i for i in range(P) for _ in range(G)], vision_start_id)
 
 
 def group_advantages(r, eps=1e-4):
@@ -195,7 +169,7 @@ def token_logprobs(model, batch, completion_ids, temperature, micro_batch, visio
     Lp, out = batch["input_ids"].shape[1], []
     for s in range(0, completion_ids.shape[0], micro_batch):
         rows = list(range(s, min(s + micro_batch, completion_ids.shape[0])))
-        mb = select_rows(batch, rows, vision_start_id)
+        mb = dataset.select_rows(batch, rows, vision_start_id)
         comp = completion_ids[rows]
         mb["input_ids"] = torch.cat([mb["input_ids"], comp], 1)
         # Tokens after EOS are attended-off; their log-probs are masked out of the loss anyway.
@@ -271,81 +245,6 @@ def score_responses(texts, prompts, G, reward_fn):
 
 
 # ----------------------------------------------------------------------------------------------
-# Data
-
-
-def load_prompts(args, log=print, progress=True):
-    """RL prompts from --data (the toy, a hub dataset or a local file, with 01's column flags): dicts
-    with id, question, answer, choices, and the dataset `row` that `batch_images` reads the image of.
-
-    Rows with no question or gold are skipped, and so are rows whose image is missing or fails a
-    check without decoding; each kind is reported with a few ids.
-    """
-    # Toy prompts come from train seeds disjoint from stage 1's pool (01 uses the range of --seed).
-    size = args.train_size or (2000 if args.data in ("toy", "toy-dots") else 0)
-    ds, base_dir = dataset.load_problems(args, size, args.seed + 1)
-    problems, skipped = dataset.screen_problems(ds, args)
-    # One image source shared by all prompts: the column stays in the (memory-mapped) dataset and a
-    # step reads its own rows only, so no process holds every image.
-    source = {"cells": ds.select_columns([args.image_column]) if args.image_column else None,
-              "column": args.image_column, "base_dir": base_dir}
-    prompts = []
-    quiet = not progress or len(problems) < 10_000 or source["cells"] is None
-    for p in tqdm(problems, desc="checking images", disable=quiet):
-        try:
-            dataset.open_image(image_cell(source, p["row"]), base_dir, verify_only=True)
-        except dataset.ImageError as e:
-            skipped.append({"id": p["id"], "row": p["row"], "reason": e.reason, "detail": str(e)})
-            continue
-        prompts.append({"index": len(prompts), "id": p["id"], "question": p["question"],
-                        "answer": p["answer"], "choices": p["choices"], "row": p["row"], "source": source})
-    for reason in sorted({s["reason"] for s in skipped}):
-        rows = [s for s in skipped if s["reason"] == reason]
-        log(f"{args.data}: skipped {len(rows)} row(s), {reason}: "
-            + "; ".join(f"row {s['row'] + 1} (id {s['id']}) {s['detail']}".strip() for s in rows[:3])
-            + (" ..." if len(rows) > 3 else ""))
-    if not prompts:
-        raise cli.UserError(f"{args.data}: no usable RL prompts (all {len(skipped)} rows skipped, "
-                            "reasons above)")
-    return prompts
-
-
-def image_cell(source, row):
-    return source["cells"][row][source["column"]] if source["cells"] is not None else None
-
-
-def batch_images(batch, prompts, max_pixels, log=print):
-    """(prompts, images) for a step, decoded now. A prompt whose image fails to decode (the start-up
-    check cannot catch every broken file) is replaced by the next one in `prompts` that decodes, so
-    the batch keeps its size, the same on every run and every process."""
-    out_prompts, images = [], []
-    for p in batch:
-        for q in (prompts[(p["index"] + k) % len(prompts)] for k in range(len(prompts))):
-            try:
-                cell = image_cell(q["source"], q["row"])
-                images.append(dataset.open_image(cell, q["source"]["base_dir"], max_pixels))
-                out_prompts.append(q)
-                break
-            except dataset.ImageError as e:
-                log(f"row {q['row'] + 1} (id {q['id']}): {e}; using the next prompt instead")
-        else:
-            raise ValueError("no RL prompt has an image that decodes")
-    return out_prompts, images
-
-
-def step_prompts(prompts, step, n, seed, rank, world):
-    """This process's prompts for `step`: a deterministic function of (seed, step) so resume and
-    every rank agree on the global batch; ranks take disjoint slices of it."""
-    g = torch.Generator().manual_seed(seed * 100_003 + step)
-    idx = torch.randint(len(prompts), (n * world,), generator=g).tolist()
-    return [prompts[i] for i in idx[rank::world]]
-
-
-# ----------------------------------------------------------------------------------------------
-# Training
-
-
-# ----------------------------------------------------------------------------------------------
 # The update and its metrics
 
 
@@ -383,7 +282,7 @@ def grpo_step(model, ref_model, accelerator, optimizer, scheduler, train, comp, 
             last = s == starts[-1]
             accelerator.sync_gradients = last
             with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                logp = token_logprobs(model, select_rows(train, mb, vision_start), comp[mb], args.temperature,
+                logp = token_logprobs(model, dataset.select_rows(train, mb, vision_start), comp[mb], args.temperature,
                                       args.micro_batch, vision_start)
                 old = logp.detach() if old_logp is None else old_logp[mb]
                 ref = None if ref_logp is None else ref_logp[mb]
@@ -438,7 +337,7 @@ def log_line(step, row):
 
 def main(args: Args):
     check_args(args)
-    prompts = load_prompts(args)  # bad data fails here, before a model loads
+    prompts = dataset.load_prompts(args)  # bad data fails here, before a model loads
     accelerator = training.make_accelerator(args)
     rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     sharded = training.is_sharded(accelerator)  # ZeRO / FSDP: weights or optimizer states split up
@@ -480,8 +379,8 @@ def main(args: Args):
             break
         t0 = time.time()
         torch.manual_seed(args.seed * 1_000_003 + step * world + rank)  # sampling repeatable across --resume
-        mine = step_prompts(prompts, step, args.prompts_per_step, args.seed, rank, world)
-        batch_prompts, images = batch_images(mine, prompts, args.max_pixels, log=tqdm.write)
+        mine = dataset.step_prompts(prompts, step, args.prompts_per_step, args.seed, rank, world)
+        batch_prompts, images = dataset.batch_images(mine, prompts, args.max_pixels, log=tqdm.write)
         P, G = len(batch_prompts), args.group_size
 
         # 1. Group sampling: every prompt G times, sampled at temperature T (old policy = current).
@@ -518,7 +417,7 @@ def main(args: Args):
         # 4-5. Old and reference log-probs, then mu clipped-surrogate steps (Eq. 2).
         model.train()
         stats, grad_norm = grpo_step(
-            model, ref_model, accelerator, optimizer, scheduler, select_rows(group, rows, vision_start),
+            model, ref_model, accelerator, optimizer, scheduler, dataset.select_rows(group, rows, vision_start),
             completion[rows], mask[rows].float() * weight[:, None].to(mask.device),
             advantages.flatten()[rows].to(accelerator.device), int(keep.sum()) * G, args, vision_start)
 

@@ -9,7 +9,7 @@ once. A reflective response reads
 and we score the LAST answer A2 (the authors' scripts scored A1, the pre-reflection one). A1 is
 scored too, so we can see what the reflection did: wrong->right, right->wrong, and at what length.
 
-`score(benchmark, item, response)` picks the answer texts (grading.py) and hands them to the
+`evaluation.score(benchmark, item, response)` picks the answer texts (grading.py) and hands them to the
 benchmark's own rules (benchmarks.py: the items and a port of each official scorer). With
 --judge_base_url an OpenAI-compatible model extracts the answers first, as the authors did with
 GPT-4o; the rules still decide.
@@ -32,7 +32,6 @@ already there), summary.json, summary.md; with several models also comparison.{m
 import json
 import os
 import re
-from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,12 +39,12 @@ from tqdm.auto import tqdm
 
 import benchmarks
 import cli
-import rollout
 import dataset
-import grading
+import evaluation
 import llm_client
 import policy
 import report
+import rollout
 
 
 @dataclass
@@ -88,45 +87,6 @@ class Args:
     """judge model name (the authors used GPT-4o)"""
     judge_api_key_env: str = "OPENAI_API_KEY"
     """environment variable holding the judge's API key (the key is never printed or saved)"""
-
-
-# ----------------------------------------------------------------------------------------------
-# Scoring: score() picks the answer texts (final and first), the benchmark's scorer judges them
-
-
-def score(benchmark, item, response, extract=None):
-    """Score `response` to `item` (a row in the benchmark's own schema) with the benchmark's rules.
-
-    The FINAL answer decides `correct` (the last <answer> block, its \\boxed{} if any; else the last
-    \\boxed{}; else, on the real benchmarks, the whole response, read by the benchmark's own
-    heuristics). The first answer is scored the same way. `extract(question, text) -> text` is an
-    optional judge. `has_reflection` is grading.has_reflection, the reward's has_reflection too.
-
-    Example:
-        >>> score("mathvision", {"answer": "6", "options": []},
-        ...       "<think>..</think><answer>5</answer><reflection>I missed one.</reflection>"
-        ...       "<think>..</think><answer>\\\\boxed{6}</answer>")["correct"]
-        True
-    """
-    parsed = grading.parse_response(response)
-    final = grading.extract_answer(response, parsed) or ""
-    first = grading.first_answer(response, parsed) or ""
-    # The toy tasks grade like the training reward (no answer found = wrong); on the real benchmarks
-    # their own heuristics read the whole response when it has no answer
-    if benchmark not in benchmarks.TOY_BENCHMARKS:
-        final = final or response
-    first = first or final
-    if extract is not None:  # the judge reads the answer text; the benchmark's rules still decide
-        question = item.get("_question") or item.get("question", "")
-        same = first == final
-        final = extract(question, final)
-        first = final if same else extract(question, first)
-    scorer = benchmarks.SCORERS[benchmark]
-    final_score = scorer(item, final)
-    first_score = final_score if first == final else scorer(item, first)
-    return {"correct": bool(final_score["correct"]), "extracted": final_score["extracted"],
-            "first_correct": bool(first_score["correct"]), "first_extracted": first_score["extracted"],
-            "has_reflection": grading.has_reflection(response, parsed)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,7 +148,7 @@ def evaluate(items, generate, out_path, *, benchmark, batch_size=8, extract=None
                 failure = f"{type(response).__name__}: {response}"
                 _write_error(out_path, item, f"item {item['_id']}: generation failed: {failure}")
             else:
-                dataset.append_jsonl(out_path, make_row(benchmark, item, response, extract))
+                dataset.append_jsonl(out_path, evaluation.make_row(benchmark, item, response, extract))
         bar.update(len(batch))
     bar.close()
     latest = {r["id"]: r for r in dataset.read_jsonl(out_path)}  # the last row per id wins (a retried error)
@@ -215,20 +175,6 @@ def _generate_batch(generate, questions, images):
             except Exception as e:
                 responses.append(e)
         return responses
-
-
-def make_row(benchmark, item, response, extract=None):
-    """The JSONL row for one answered item: what was asked, said, extracted and judged."""
-    s = score(benchmark, item, response, extract)
-    reflection = grading.parse_response(response)["reflection"] or ""
-    return {"id": item["_id"], "category": item["_category"], "question": item["_question"],
-            "answer": str(item.get("answer")), "response": response,
-            "first_answer": s["first_extracted"], "final_answer": s["extracted"],
-            "first_correct": s["first_correct"], "correct": s["correct"],
-            "has_reflection": s["has_reflection"],
-            "response_tokens": grading.default_count_tokens(response),
-            "reflection_tokens": grading.default_count_tokens(reflection) if s["has_reflection"] else 0,
-            "error": None}
 
 
 def _write_error(out_path, item, message):
@@ -261,63 +207,6 @@ def make_generator(model_path, args, max_new_tokens, prompt):
 
 # ----------------------------------------------------------------------------------------------
 # Summaries, tables and the comparison chart
-
-
-def summarize(rows, benchmark):
-    """Accuracy per category and overall, and the reflection metrics. Accuracies are percentages.
-
-    Over the items in `overall` (all but MathVerse's "Text Only"):
-      reflection_rate  share of responses with a reflection (a non-empty <reflection> block:
-                       grading.has_reflection, what training logs as has_reflection too)
-      first_acc        accuracy of the first answer; final_acc: of the final (last) answer
-      wrong_to_right   share of ALL items whose first answer is wrong and final answer right
-      right_to_wrong   share of ALL items whose first answer is right and final answer wrong
-                       (so final_acc = first_acc + wrong_to_right - right_to_wrong)
-      mean_response_tokens, mean_reflection_tokens  (grading.default_count_tokens; reflection: over
-                       responses that have one)
-    Items that errored count as wrong, so the denominator stays the benchmark's size; `errors` counts
-    them.
-    overall: for MathVerse and MMMU-Pro the mean over versions/settings (as those benchmarks report),
-    elsewhere over items.
-    """
-    def pct(rs, key):
-        return round(100 * sum(bool(key(r)) for r in rs) / len(rs), 2) if rs else None
-
-    def mean(values):
-        return round(sum(values) / len(values), 1) if values else None
-
-    by_category = defaultdict(list)
-    for r in rows:
-        by_category[r["category"]].append(r)
-    order = benchmarks.MATHVERSE_VERSIONS + ["Text Only"] if benchmark == "mathverse" else []
-    names = [c for c in order if c in by_category] + sorted(c for c in by_category if c not in order)
-    categories = {}
-    for c in names:
-        rs = by_category[c]
-        categories[c] = {"n": len(rs), "first_acc": pct(rs, lambda r: r["first_correct"]),
-                         "final_acc": pct(rs, lambda r: r["correct"]),
-                         "errors": sum(bool(r.get("error")) for r in rs)}
-    scored = [r for r in rows if r["category"] not in benchmarks.NOT_IN_OVERALL]
-    in_overall = [c for c in names if c not in benchmarks.NOT_IN_OVERALL]
-    if benchmark in benchmarks.MACRO_AVERAGED and in_overall:
-        overall = {"n": len(scored), **{
-            key: round(sum(categories[c][key] for c in in_overall) / len(in_overall), 2)
-            for key in ("first_acc", "final_acc")}}
-    else:
-        overall = {"n": len(scored), "first_acc": pct(scored, lambda r: r["first_correct"]),
-                   "final_acc": pct(scored, lambda r: r["correct"])}
-    answered = [r for r in scored if not r.get("error")]
-    reflection = {
-        "reflection_rate": pct(scored, lambda r: r["has_reflection"]),
-        "first_acc": pct(scored, lambda r: r["first_correct"]),
-        "final_acc": pct(scored, lambda r: r["correct"]),
-        "wrong_to_right": pct(scored, lambda r: not r["first_correct"] and r["correct"]),
-        "right_to_wrong": pct(scored, lambda r: r["first_correct"] and not r["correct"]),
-        "mean_response_tokens": mean([r["response_tokens"] for r in answered]),
-        "mean_reflection_tokens": mean([r["reflection_tokens"] for r in answered if r["has_reflection"]]),
-    }
-    return {"benchmark": benchmark, "n": len(rows), "errors": sum(bool(r.get("error")) for r in rows),
-            "overall": overall, "categories": categories, "reflection": reflection}
 
 
 def _fmt(x):
@@ -465,7 +354,7 @@ def main(args):
         rows = evaluate(items, generate, out_path, benchmark=args.benchmark, batch_size=args.batch_size,
                         extract=extract)
         # args holds judge_api_key_env, the key's variable name, never the key
-        summary = {**summarize(rows, args.benchmark), "model": path, "folder": folder, "split": split,
+        summary = {**evaluation.summarize(rows, args.benchmark), "model": path, "folder": folder, "split": split,
                    "prompt": prompt, "max_new_tokens": max_new_tokens, "args": asdict(args)}
         markdown = summary_markdown(summary, f"{run_name} · {name}")
         Path(model_dir, "summary.json").write_text(json.dumps(summary, indent=2))

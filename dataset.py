@@ -1,12 +1,14 @@
 """What the model reads: the system prompts, chat-formatted and encoded prompts and SFT targets,
-images, problems with gold answers (01's pool and 03's RL prompts), and the JSONL files every
-stage writes.
+batches with images (selecting rows with their image patches), images, problems with gold answers
+(01's pool), the RL prompts and each step's share of them (03), and the JSONL files every stage writes.
 """
 
 import dataclasses
 import json
 import math
 import os
+
+import torch
 
 import cli
 
@@ -77,6 +79,34 @@ def encode_sft(processor, questions, images, targets, system_prompt):
     assert (labels[batch["attention_mask"].bool()] != -100).sum() > 0 and eot in batch["input_ids"]
     batch["labels"] = labels
     return batch
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches with images: Qwen-VL's pixel_values are flat (all patches of all images, row after row) and
+# image_grid_thw has one (t, h, w) per image, so selecting or repeating rows selects patch blocks too.
+
+
+def image_ranges(batch, vision_start_id):
+    """Per row (first image, end image, first patch, end patch) in image_grid_thw and pixel_values."""
+    per_row = (batch["input_ids"] == vision_start_id).sum(1).tolist()
+    patches = [0] + batch["image_grid_thw"].prod(-1).cumsum(0).tolist()
+    out, i = [], 0
+    for n in per_row:
+        out.append((i, i + n, patches[i], patches[i + n]))
+        i += n
+    return out
+
+
+def select_rows(batch, rows, vision_start_id):
+    """Sub-batch `rows` (a list of row indices, repeats allowed) with their images' patches."""
+    out = {k: v[rows] for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
+    if "pixel_values" in batch:
+        ranges = image_ranges(batch, vision_start_id)
+        images = [j for r in rows for j in range(ranges[r][0], ranges[r][1])]
+        if images:
+            out["image_grid_thw"] = batch["image_grid_thw"][images]
+            out["pixel_values"] = torch.cat([batch["pixel_values"][ranges[r][2]:ranges[r][3]] for r in rows])
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,6 +287,84 @@ def screen_problems(ds, args, gold_problem=lambda gold: None if gold else "empty
             p["solution"] = r["solution"]
         problems.append(p)
     return problems, skipped
+
+
+# ----------------------------------------------------------------------------------------------
+# RL prompts (03): the problems, their images read per step, and each step's share of them
+
+
+def load_prompts(args, log=print, progress=True):
+    """RL prompts from --data (the toy, a hub dataset or a local file, with 01's column flags): dicts
+    with id, question, answer, choices, and the dataset `row` that `batch_images` reads the image of.
+
+    Rows with no question or gold are skipped, and so are rows whose image is missing or fails a
+    check without decoding; each kind is reported with a few ids.
+    """
+    import toy
+    from tqdm.auto import tqdm
+
+    # Toy prompts come from train seeds disjoint from stage 1's pool (01 uses the range of --seed).
+    size = args.train_size or (2000 if args.data in toy.TASKS else 0)
+    ds, base_dir = load_problems(args, size, args.seed + 1)
+    problems, skipped = screen_problems(ds, args)
+    # One image source shared by all prompts: the column stays in the (memory-mapped) dataset and a
+    # step reads its own rows only, so no process holds every image.
+    source = {"cells": ds.select_columns([args.image_column]) if args.image_column else None,
+              "column": args.image_column, "base_dir": base_dir}
+    prompts = []
+    quiet = not progress or len(problems) < 10_000 or source["cells"] is None
+    for p in tqdm(problems, desc="checking images", disable=quiet):
+        try:
+            open_image(image_cell(source, p["row"]), base_dir, verify_only=True)
+        except ImageError as e:
+            skipped.append({"id": p["id"], "row": p["row"], "reason": e.reason, "detail": str(e)})
+            continue
+        prompts.append({"index": len(prompts), "id": p["id"], "question": p["question"],
+                        "answer": p["answer"], "choices": p["choices"], "row": p["row"], "source": source})
+    for reason in sorted({s["reason"] for s in skipped}):
+        rows = [s for s in skipped if s["reason"] == reason]
+        log(f"{args.data}: skipped {len(rows)} row(s), {reason}: "
+            + "; ".join(f"row {s['row'] + 1} (id {s['id']}) {s['detail']}".strip() for s in rows[:3])
+            + (" ..." if len(rows) > 3 else ""))
+    if not prompts:
+        raise cli.UserError(f"{args.data}: no usable RL prompts (all {len(skipped)} rows skipped, "
+                            "reasons above)")
+    return prompts
+
+
+def image_cell(source, row):
+    return source["cells"][row][source["column"]] if source["cells"] is not None else None
+
+
+def batch_images(batch, prompts, max_pixels, log=print):
+    """(prompts, images) for a step, decoded now. A prompt whose image fails to decode (the start-up
+    check cannot catch every broken file) is replaced by the next one in `prompts` that decodes, so
+    the batch keeps its size, the same on every run and every process."""
+    out_prompts, images = [], []
+    for p in batch:
+        for q in (prompts[(p["index"] + k) % len(prompts)] for k in range(len(prompts))):
+            try:
+                cell = image_cell(q["source"], q["row"])
+                images.append(open_image(cell, q["source"]["base_dir"], max_pixels))
+                out_prompts.append(q)
+                break
+            except ImageError as e:
+                log(f"row {q['row'] + 1} (id {q['id']}): {e}; using the next prompt instead")
+        else:
+            raise ValueError("no RL prompt has an image that decodes")
+    return out_prompts, images
+
+
+def step_prompts(prompts, step, n, seed, rank, world):
+    """This process's prompts for `step`: a deterministic function of (seed, step) so resume and
+    every rank agree on the global batch; ranks take disjoint slices of it."""
+    g = torch.Generator().manual_seed(seed * 100_003 + step)
+    idx = torch.randint(len(prompts), (n * world,), generator=g).tolist()
+    return [prompts[i] for i in idx[rank::world]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
 
 
 # ----------------------------------------------------------------------------------------------

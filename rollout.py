@@ -183,7 +183,7 @@ def repeated_rows(batch, vision_start_id):
     ids, am = batch["input_ids"], batch["attention_mask"]
     same = ((ids[1:] == ids[:-1]) & (am[1:] == am[:-1])).all(1).tolist()
     if "pixel_values" in batch and any(same):
-        images = image_ranges(batch, vision_start_id)
+        images = dataset.image_ranges(batch, vision_start_id)
         pixels, grids = batch["pixel_values"], batch["image_grid_thw"]
         for r in range(1, len(ids)):
             (i0, i1, p0, p1), (j0, j1, q0, q1) = images[r - 1], images[r]
@@ -192,18 +192,6 @@ def repeated_rows(batch, vision_start_id):
     first = [0] + [r for r in range(1, len(ids)) if not same[r - 1]]
     inverse = torch.tensor([0] + same, device=ids.device).logical_not().long().cumsum(0) - 1
     return first, inverse
-
-
-def image_ranges(batch, vision_start_id):
-    """Per row (first image, end image, first patch, end patch): pixel_values are all images' patches
-    concatenated, image_grid_thw one (t, h, w) per image, in row order."""
-    per_row = (batch["input_ids"] == vision_start_id).sum(1).tolist()
-    patches = [0] + batch["image_grid_thw"].prod(-1).cumsum(0).tolist()
-    out, i = [], 0
-    for n in per_row:
-        out.append((i, i + n, patches[i], patches[i + n]))
-        i += n
-    return out
 
 
 def prefill(gen, batch, cache):
@@ -217,11 +205,7 @@ def prefill(gen, batch, cache):
     first, inverse = repeated_rows(batch, gen.config.vision_start_token_id)
     if gen.training:  # dropout must differ between rows: no sharing
         first, inverse = list(range(len(inverse))), torch.arange(len(inverse), device=inverse.device)
-    sub = {k: v[first] for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
-    if "pixel_values" in batch:
-        images = image_ranges(batch, gen.config.vision_start_token_id)
-        sub["image_grid_thw"] = torch.cat([batch["image_grid_thw"][images[r][0]:images[r][1]] for r in first])
-        sub["pixel_values"] = torch.cat([batch["pixel_values"][images[r][2]:images[r][3]] for r in first])
+    sub = dataset.select_rows(batch, first, gen.config.vision_start_token_id)
     positions = mrope_positions(gen, sub)
     out = gen(**sub, position_ids=positions, use_cache=True, logits_to_keep=1)
     for i, layer in enumerate(out.cache.layers):

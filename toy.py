@@ -356,41 +356,6 @@ def problem_from_id(pid: str) -> dict:
     return make_problem(int(seed), {"toy": "toy", "dots": "toy-dots"}[prefix])
 
 
-def evaluate_toy(model, processor, *, n, style, max_new_tokens=48, batch_size=64, desc="eval"):
-    """Greedy answers to the first n toy test problems of the model's own toy task (`processor.task`),
-    scored like the training reward.
-
-    Returns (result, samples). result: the shares well-formed (the layout `style` teaches: the
-    reflective one of R_format, or plain CoT), with a reflection, first and final answer right,
-    and `per_family` final accuracy. 04_eval.py is the full evaluation; this is the quick check
-    00 and 02 print.
-    """
-    from collections import defaultdict
-
-    import dataset
-    import rollout
-    import rewards
-
-    test = toy_dataset("test", n, task=getattr(processor, "task", "toy"))
-    texts = rollout.generate_responses(model, processor, test["question"], test["image"],
-                                      system_prompt=dataset.SYSTEM_PROMPTS[style],
-                                      max_new_tokens=max_new_tokens, batch_size=batch_size, desc=desc)
-    variant = "paper" if style == "reflect" else "grpo"
-    scores = [rewards.srpo_reward(t, row["answer"], variant=variant, choices=row["choices"] or None)
-              for t, row in zip(texts, test)]
-    per = defaultdict(list)
-    for row, s in zip(test, scores):
-        per[row["family"]].append(s["final_correct"])
-    result = {"n": n, "well_formed": sum(s["format"] > 0 for s in scores) / n,
-              "has_reflection": sum(s["has_reflection"] for s in scores) / n,
-              "first_correct": sum(s["first_correct"] for s in scores) / n,
-              "final_correct": sum(s["final_correct"] for s in scores) / n,
-              "per_family": {f: sum(v) / len(v) for f, v in sorted(per.items())}}
-    samples = [{"id": row["id"], "answer": row["answer"], "response": t, **{k: s[k] for k in
-               ("format", "first_correct", "final_correct")}} for t, row, s in zip(texts, test, scores)]
-    return result, samples
-
-
 def count_blobs(image: Image.Image, colour: str) -> int:
     """Connected components of pixels close to `colour` (used by tests to check images vs answers)."""
     arr = np.asarray(image.convert("RGB")).astype(int)
@@ -491,7 +456,7 @@ class ToyProcessor:
     `image_grid_thw` (one row per image) and `mm_token_type_ids` (1 at image tokens), without which
     transformers 5 silently falls back to 1-D positions instead of Qwen's 3-D M-RoPE.
     `task` is the toy task the model was built for ('toy' or 'toy-dots'), saved with it, so that
-    quick checks of a toy model (evaluate_toy) ask it the right kind of problem.
+    quick checks of a toy model (evaluation.check_toy) ask it the right kind of problem.
     """
 
     def __init__(self, tokenizer, image_processor, task="toy"):
@@ -557,7 +522,7 @@ class ToyProcessor:
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         with open(os.path.join(path, "toy_processor.json")) as f:
-            task = json.load(f).get("task", "toy-dots")  # saved before there were two tasks: the dots one
+            task = json.load(f).get("task", "toy-dots")  # no task named: a dots-task model
         return cls(AutoTokenizer.from_pretrained(path), Qwen2VLImageProcessorPil.from_pretrained(path), task)
 
 

@@ -117,6 +117,24 @@ def load_trainable_policy(args, accelerator, lora_r):
         gradient_checkpointing=args.gradient_checkpointing, device=str(accelerator.device))
 
 
+def describe_trainable(model, args, accelerator, lora_r, log=print):
+    """Log what trains (parameters, LoRA or full, dtype, distribution) and return the trainable count;
+    a model with nothing to train is a UserError. ZeRO-3 partitions report size 0: count ds_numel."""
+    def size(p):
+        return getattr(p, "ds_numel", p.numel())
+
+    n_train = sum(size(p) for p in model.parameters() if p.requires_grad)
+    n_all = sum(size(p) for p in model.parameters())
+    if not n_train:
+        raise cli.UserError(f"{args.model}: nothing to train (a LoRA adapter as --model needs --lora_r > 0)")
+    kind = f"LoRA r={lora_r}" if lora_r else "full fine-tuning"
+    log(f"{args.model}: {n_train / 1e6:.2f}M of {n_all / 1e6:.2f}M parameters trainable "
+        f"({'QLoRA nf4, ' if args.load_in_4bit else ''}{kind}, vision {'frozen' if args.freeze_vision else 'trained'}, "
+        f"{training_dtype(accelerator, frozen_base=bool(lora_r))} weights, {accelerator.mixed_precision} autocast, "
+        f"{accelerator.distributed_type.value} x {accelerator.num_processes})")
+    return n_train
+
+
 def make_optimizer(args, model, total_steps):
     """AdamW on the trainable parameters, linear warm-up then cosine decay over `total_steps` steps."""
     params = [p for p in model.parameters() if p.requires_grad]

@@ -343,10 +343,10 @@ def trl_child(cfg):
 
     # The prompts 03 trains on at steps 0..steps-1 (its own sampler), in that order, as a dataset of
     # conversational prompts (TRL puts the image before the question text, as dataset.build_prompt does).
-    prompts = grpo.load_prompts(a)
+    prompts = dataset.load_prompts(a)
     rows = []
     for step in range(a.steps):
-        batch, images = grpo.batch_images(grpo.step_prompts(prompts, step, a.prompts_per_step, a.seed, 0, 1),
+        batch, images = dataset.batch_images(dataset.step_prompts(prompts, step, a.prompts_per_step, a.seed, 0, 1),
                                           prompts, a.max_pixels)
         rows += [{"prompt": [{"role": "system", "content": system},
                              {"role": "user", "content": p["question"]}],

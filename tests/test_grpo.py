@@ -67,7 +67,7 @@ def test_repeat_for_group_repeats_images(tiny_model_dir):
     for i in range(12):  # row i's patches are prompt (i // 4)'s patches
         src = i // 4
         assert torch.equal(g["pixel_values"][i * per:(i + 1) * per], enc["pixel_values"][src * per:(src + 1) * per])
-    sub = grpo.select_rows(g, [5, 0], vs)
+    sub = dataset.select_rows(g, [5, 0], vs)
     assert torch.equal(sub["pixel_values"][:per], enc["pixel_values"][per:2 * per])
 
 
@@ -216,19 +216,19 @@ def test_local_jsonl_prompts_and_bad_rows(tmp_path, capsys):
     rows[2]["image"] = "cut.jpg"
     for r in rows + [{**rows[0], "image": "missing.png"}, {**rows[1], "answer": ""}]:
         dataset.append_jsonl(tmp_path / "rl.jsonl", r)
-    prompts = grpo.load_prompts(grpo.Args(data=str(tmp_path / "rl.jsonl")))  # all rows: no --train_size
+    prompts = dataset.load_prompts(grpo.Args(data=str(tmp_path / "rl.jsonl")))  # all rows: no --train_size
     assert [p["answer"] for p in prompts] == list(ds["answer"]) and [p["id"] for p in prompts] == ["row0", "row1", "row2"]
     assert dataset.open_image("cut.jpg", str(tmp_path), verify_only=True) is None  # passes the check
     out = capsys.readouterr().out
     assert "skipped 1 row(s), missing image: row 4 (id row3)" in out and "missing.png" in out
     assert "skipped 1 row(s), empty gold: row 5 (id row4)" in out
     # At a step, the undecodable image's prompt is replaced by the next one (wrapping round), and said so.
-    batch, images = grpo.batch_images([prompts[2], prompts[1]], prompts, 0)
+    batch, images = dataset.batch_images([prompts[2], prompts[1]], prompts, 0)
     assert [p["id"] for p in batch] == ["row0", "row1"] and [im.size for im in images] == [(112, 112)] * 2
     assert "row 3 (id row2): cannot read" in capsys.readouterr().out
     (tmp_path / "bad.jsonl").write_text((tmp_path / "rl.jsonl").read_text().splitlines()[3] + "\n")
     with pytest.raises(ValueError, match="no usable RL prompts"):
-        grpo.load_prompts(grpo.Args(data=str(tmp_path / "bad.jsonl")))
+        dataset.load_prompts(grpo.Args(data=str(tmp_path / "bad.jsonl")))
 
 
 def test_prompts_from_a_parquet_with_other_column_names_and_no_images(tmp_path):
@@ -241,12 +241,12 @@ def test_prompts_from_a_parquet_with_other_column_names_and_no_images(tmp_path):
                                             split="train").features["image"], datasets.Image)
     args = grpo.Args(data=str(tmp_path / "rl.parquet"), question_column="problem", answer_column="solution_letter",
                      id_column="", train_size=4)
-    prompts = grpo.load_prompts(args)
+    prompts = dataset.load_prompts(args)
     assert len(prompts) == 4 and {p["id"] for p in prompts} <= {f"row{i}" for i in range(6)}
     assert {(p["question"], p["answer"]) for p in prompts} <= set(zip(ds["problem"], ds["solution_letter"]))
-    assert all(im.size == (112, 112) for im in grpo.batch_images(prompts, prompts, 0)[1])
-    text_only = grpo.load_prompts(grpo.Args(data=str(tmp_path / "rl.parquet"), question_column="problem",
+    assert all(im.size == (112, 112) for im in dataset.batch_images(prompts, prompts, 0)[1])
+    text_only = dataset.load_prompts(grpo.Args(data=str(tmp_path / "rl.parquet"), question_column="problem",
                                             answer_column="solution_letter", image_column=""))
-    assert len(text_only) == 6 and grpo.batch_images(text_only[:2], text_only, 0)[1] == [None, None]
+    assert len(text_only) == 6 and dataset.batch_images(text_only[:2], text_only, 0)[1] == [None, None]
     with pytest.raises(ValueError, match=r"--answer_column 'answer'.*'solution_letter'"):
-        grpo.load_prompts(grpo.Args(data=str(tmp_path / "rl.parquet"), question_column="problem"))
+        dataset.load_prompts(grpo.Args(data=str(tmp_path / "rl.parquet"), question_column="problem"))

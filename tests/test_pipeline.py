@@ -113,7 +113,7 @@ def test_dots_task_still_runs_end_to_end(tmp_path):
     sft.main(sft.Args(model=str(out / "base"), data=str(out / "reflect" / "sft_cot.jsonl"), out_dir=str(out / "sft"),
                       max_steps=1, batch_size=2, eval_size=4, eval_max_new_tokens=16, save_every=0))
     summary = json.loads((out / "sft" / "sft_summary.json").read_text())
-    assert summary["after"]["n"] == 4 and set(summary["after"]["per_family"]) <= set(toy.DOTS_FAMILIES)
+    assert summary["after"]["n"] == 4 and set(summary["after"]["categories"]) <= set(toy.DOTS_FAMILIES)
     res = grpo.main(grpo.Args(data="toy-dots", model=str(out / "sft"), reward="grpo", out_dir=str(out / "grpo"),
                               steps=1, prompts_per_step=2, group_size=2, max_new_tokens=16, train_size=8, save_every=0))
     assert len(res["metrics"]) == 1
