@@ -204,14 +204,19 @@ def epoch_order(n, seed, epoch):
 
 
 def target_ce_sum(model, batch):
-    """Eq. (1): summed next-token cross-entropy over the target tokens. Returns (loss sum, tokens)."""
+    """Eq. (1): summed next-token cross-entropy over the target tokens. Returns (loss sum, tokens).
+
+    The model computes logits only at the positions that predict a target token (logits_to_keep; the
+    prompt's are never made), and their log-softmax is taken at the targets alone (no fp32 copy).
+    """
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, use_cache=False).logits  # (B, T, V)
-    logits, targets = logits[:, :-1].float(), labels[:, 1:]  # position t predicts token t + 1
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
-                         reduction="sum")  # Eq. (1), masked tokens (-100) contribute nothing
-    return ce, int((targets != -100).sum())
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != -100  # position t predicts token t + 1; masked tokens (-100) are not kept
+    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (kept positions, V)
+    targets = labels[:, 1:][keep[:, :-1]]
+    ce = -training.selective_log_softmax(logits, targets).sum()  # Eq. (1)
+    return ce, len(targets)
 
 
 def sft_step(model, accelerator, optimizer, scheduler, batches, args):
@@ -383,6 +388,10 @@ def main(args: Args):
         batches = [encode_rows(processor, ds.select(mine[i:i + micro]), root=root, data_path=args.data,
                                max_pixels=args.max_pixels, max_len=args.max_len)
                    for i in range(0, len(mine), micro)]
+        if step == start:  # before the first update: will this recipe fit?
+            log(training.memory_line(training.memory_estimate(
+                model, accelerator, sequences=0, prompt_len=0, new_tokens=batches[0]["input_ids"].shape[1],
+                micro_batch=micro, checkpointing=args.gradient_checkpointing)))
         loss, n_tokens, grad_norm, lr = sft_step(model, accelerator, optimizer, scheduler, batches, args)
         step += 1  # optimizer steps done
         row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss,

@@ -31,7 +31,6 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import cli
@@ -111,6 +110,9 @@ class Args(training.TrainArgs, dataset.DataArgs):
     """cosine decays to this fraction of lr"""
     micro_batch: int = 32
     """sequences per log-prob forward pass (bounds logits memory)"""
+    share_prompts: bool = True
+    """log-prob passes run each prompt once per micro-batch and its G completions from its keys and values
+    (the same numbers for 1/G of the prompt's compute); not with --gradient_checkpointing, which drops them"""
     lora_r: int = 0
     """LoRA rank (0 = full fine-tuning of the language model; 16 when --load_in_4bit or the model is an
     adapter)"""
@@ -160,35 +162,63 @@ def group_advantages(r, eps=1e-4):
     return (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)  # Eq. (3)
 
 
-def token_logprobs(model, batch, completion_ids, temperature, micro_batch, vision_start_id):
-    """log pi(o_t | q, o_<t) of each completion token, from log_softmax(logits / T) in fp32.
+def token_logprobs(model, batch, completion_ids, temperature, micro_batch, vision_start_id, share_prompts=False):
+    """log pi(o_t | q, o_<t) of each completion token, log_softmax(logits / T) in fp32.
 
     batch: left-padded prompts (B, Lp) + images; completion_ids: (B, T). Returns (B, T). Runs in
-    micro-batches so the (b, L, vocab) logits never exist for the whole batch at once.
+    micro-batches; the model makes logits at the completion positions only (not the prompt's), and their
+    log-softmax is taken at the chosen tokens without a second copy of them (selective_log_softmax).
+    share_prompts: each distinct prompt of a micro-batch (a group repeats one G times) goes through the
+    model once (prompt_shared_logprobs): the same numbers for 1/G of the prompt's compute.
     """
-    Lp, out = batch["input_ids"].shape[1], []
+    logprobs = prompt_shared_logprobs if share_prompts else one_pass_logprobs
+    out = []
     for s in range(0, completion_ids.shape[0], micro_batch):
         rows = list(range(s, min(s + micro_batch, completion_ids.shape[0])))
-        mb = dataset.select_rows(batch, rows, vision_start_id)
-        comp = completion_ids[rows]
-        mb["input_ids"] = torch.cat([mb["input_ids"], comp], 1)
-        # Tokens after EOS are attended-off; their log-probs are masked out of the loss anyway.
-        mb["attention_mask"] = torch.cat([mb["attention_mask"], torch.ones_like(comp)], 1)
-        mb["mm_token_type_ids"] = torch.cat([mb["mm_token_type_ids"], torch.zeros_like(comp)], 1)
-        logits = model(**mb, use_cache=False).logits[:, Lp - 1:-1]  # position t predicts token t+1
-        logp = F.log_softmax(logits.float() / temperature, dim=-1)
-        out.append(logp.gather(-1, comp.unsqueeze(-1)).squeeze(-1))
+        out.append(logprobs(model, dataset.select_rows(batch, rows, vision_start_id), completion_ids[rows],
+                            temperature, vision_start_id))
     return torch.cat(out)
 
 
-def aggregate(per_token, mask, how):
+def one_pass_logprobs(model, prompts, comp, temperature, vision_start_id):
+    """Prompts (b, Lp) and completions (b, T) in one forward pass. Returns (b, T)."""
+    Lp, T = prompts["input_ids"].shape[1], comp.shape[1]
+    # Tokens after EOS are attended-off; their log-probs are masked out of the loss anyway.
+    full = {**prompts, "input_ids": torch.cat([prompts["input_ids"], comp], 1),
+            "attention_mask": torch.cat([prompts["attention_mask"], torch.ones_like(comp)], 1),
+            "mm_token_type_ids": torch.cat([prompts["mm_token_type_ids"], torch.zeros_like(comp)], 1)}
+    keep = torch.arange(Lp - 1, Lp + T - 1, device=comp.device)  # position t predicts token t + 1
+    logits = model(**full, use_cache=False, logits_to_keep=keep).logits  # (b, T, V)
+    return training.selective_log_softmax(logits, comp, temperature)
+
+
+def prompt_shared_logprobs(model, prompts, comp, temperature, vision_start_id):
+    """one_pass_logprobs with each distinct prompt run once: its keys and values are repeated for its rows
+    (gradients flow back through the repeat) and the completions continue from them, as decoding does."""
+    first, inverse = rollout.repeated_rows(prompts, vision_start_id)
+    distinct = dataset.select_rows(prompts, first, vision_start_id)
+    positions = rollout.mrope_positions(rollout.core_model(model), distinct)  # (4, P, Lp)
+    out = model(**distinct, position_ids=positions, use_cache=True, logits_to_keep=1)
+    logp = [training.selective_log_softmax(out.logits[inverse], comp[:, :1], temperature)]  # (b, 1)
+    if comp.shape[1] > 1:
+        for layer in out.cache.layers:  # (P, heads, Lp, d) -> (b, heads, Lp, d)
+            layer.keys, layer.values = layer.keys[inverse], layer.values[inverse]
+        steps = torch.arange(1, comp.shape[1], device=comp.device)
+        logits = model(input_ids=comp[:, :-1], position_ids=positions[..., -1:][:, inverse] + steps,
+                       attention_mask=torch.cat([prompts["attention_mask"], torch.ones_like(comp[:, :-1])], 1),
+                       cache=out.cache, use_cache=True).logits  # (b, T - 1, V)
+        logp.append(training.selective_log_softmax(logits, comp[:, 1:], temperature))
+    return torch.cat(logp, 1)
+
+
+def aggregate(per_token, mask, how, max_len):
     """Reduce a (B, T) per-token loss to a scalar over completion tokens."""
     if how == "token-mean":  # every token of the batch weighs the same (DAPO, EasyR1 default)
         return (per_token * mask).sum() / mask.sum().clamp(min=1)
     if how == "seq-mean-token-mean":  # each response weighs the same (original GRPO)
         return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
-    if how == "seq-mean-token-sum-norm":  # Dr. GRPO: token sums over a constant length
-        return ((per_token * mask).sum(1) / mask.shape[1]).mean()
+    if how == "seq-mean-token-sum-norm":  # Dr. GRPO: token sums over a constant, the length cap
+        return ((per_token * mask).sum(1) / max_len).mean()
     raise cli.UserError(f"unknown --loss_agg {how!r}")
 
 
@@ -208,7 +238,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, args):
         d = (ref_logp - logp).clamp(-20.0, 20.0)
         kl = torch.exp(d) - d - 1  # k3 estimator of KL(pi_theta || pi_ref), >= 0
         per_token = per_token + args.kl_coef * kl  # Eq. (2): - beta * D_KL
-    loss = aggregate(per_token, mask, args.loss_agg)
+    loss = aggregate(per_token, mask, args.loss_agg, args.max_new_tokens)
     with torch.no_grad():
         clipped = ((ratio < 1 - args.clip_eps) & (A < 0)) | ((ratio > 1 + eps_high) & (A > 0))
         n = mask.sum().clamp(min=1)
@@ -251,53 +281,61 @@ def score_responses(texts, prompts, G, reward_fn):
 def grpo_step(model, ref_model, accelerator, optimizer, scheduler, train, comp, cmask, adv, n_kept, args,
               vision_start):
     """Steps 4-5 of the loop: old and reference log-probs, then mu optimizer steps on the clipped
-    surrogate (Eq. 2), gradients accumulated over micro-batches. Returns (stats, grad_norm).
+    surrogate (Eq. 2), gradients accumulated over micro-batches. Returns (stats, grad_norm, lr).
 
     train: the prompts of the rows trained on (images included); comp, cmask: their completions and
     token masks (B, T); adv: their advantages (B,); n_kept: the rows of the groups kept.
     With mu = 1 the policy has not moved since sampling, so pi_old = pi_theta: the one pass uses its
     own detached log-probs and the ratio is exactly 1.
-    Distributed: DDP and FSDP exchange gradients only on the last micro-batch (no_sync before it);
-    DeepSpeed's engine steps only when sync_gradients is set, though ZeRO-2/3 reduce at every backward.
+    Distributed: the loss is that of the whole batch of every process (its token and row counts summed
+    over processes), so N processes take the step one process would take on all their rows. DDP and
+    FSDP exchange gradients only on the last micro-batch (no_sync before it); DeepSpeed's engine steps
+    only when sync_gradients is set, though ZeRO-2/3 reduce at every backward.
     """
-    def logprobs(m):
-        return token_logprobs(m, train, comp, args.temperature, args.micro_batch, vision_start)
+    shared, B = args.share_prompts and not args.gradient_checkpointing, len(comp)
+
+    def logprobs(m, rows):
+        return token_logprobs(m, dataset.select_rows(train, rows, vision_start), comp[rows], args.temperature,
+                              args.micro_batch, vision_start, shared)
 
     with torch.no_grad(), accelerator.autocast():
-        old_logp = logprobs(model) if args.mu > 1 else None
+        old_logp = logprobs(model, list(range(B))) if args.mu > 1 else None
         ref_logp = None
         if args.kl_coef > 0:
             if ref_model is not None:
-                ref_logp = logprobs(ref_model)
+                ref_logp = logprobs(ref_model, list(range(B)))
             else:  # LoRA: the reference is the base with the adapters off
                 with accelerator.unwrap_model(model).disable_adapter():
-                    ref_logp = logprobs(model)
+                    ref_logp = logprobs(model, list(range(B)))
 
-    n_tok, B = cmask.sum().clamp(min=1), len(comp)
+    world = accelerator.num_processes
+    counts = torch.tensor([float(cmask.sum()), float(n_kept)], device=accelerator.device)
+    n_tok, n_rows = (accelerator.reduce(counts, "sum") if world > 1 else counts).clamp(min=1).tolist()
     starts = list(range(0, B, args.micro_batch))
+    lr = optimizer.param_groups[0]["lr"]  # the rate of this step's (first) update
     for _ in range(args.mu):
-        stats = {"kl": 0.0, "clip_frac": 0.0, "loss": 0.0}
+        stats = torch.zeros(3, device=accelerator.device)  # kl, clip_frac, loss: this process's share
         for s in starts:
             mb = list(range(s, min(s + args.micro_batch, B)))
             last = s == starts[-1]
             accelerator.sync_gradients = last
             with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                logp = token_logprobs(model, dataset.select_rows(train, mb, vision_start), comp[mb], args.temperature,
-                                      args.micro_batch, vision_start)
+                logp = logprobs(model, mb)
                 old = logp.detach() if old_logp is None else old_logp[mb]
                 ref = None if ref_logp is None else ref_logp[mb]
                 loss, st = grpo_loss(logp, old, ref, adv[mb], cmask[mb], args)  # Eq. (2) on this micro-batch
-                # each micro-batch's loss scaled to its share, so that the shares sum to the batch loss
-                share = micro_batch_share(args.loss_agg, cmask[mb], n_tok, n_kept)
-                accelerator.backward(loss * share)
-            for k in st:
-                stats[k] += st[k] * float(share)
-            stats["loss"] += loss.item() * float(share)
+                # each micro-batch's loss scaled to its share of the whole batch, so that the shares sum to
+                # the batch loss; x world: DDP, ZeRO and FSDP average the processes' gradients
+                weight = float(micro_batch_share(args.loss_agg, cmask[mb], n_tok, n_rows))
+                accelerator.backward(loss * weight * world)
+            stats += torch.tensor([st["kl"], st["clip_frac"], loss.item()], device=stats.device) * weight
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)  # DeepSpeed: its config's
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-    return stats, grad_norm
+    if world > 1:
+        stats = accelerator.reduce(stats, "sum")
+    return dict(zip(("kl", "clip_frac", "loss"), stats.tolist())), grad_norm, lr
 
 
 def step_metrics(scored, r, keep, mask, stats, grad_norm, lr, times):
@@ -346,7 +384,8 @@ def main(args: Args):
                                  else ("plain" if args.reward == "grpo" else "reflect")]
     adapter = policy.resolve_model(args.model)[1]
     lora_r = args.lora_r or (16 if adapter or args.load_in_4bit else 0)  # 4-bit weights train only via LoRA
-    model, processor = training.load_trainable_policy(args, accelerator, lora_r)
+    # no LoRA dropout: the samples come from the policy without it, and the ratio must compare the same policy
+    model, processor = training.load_trainable_policy(args, accelerator, lora_r, lora_dropout=0.0)
     ref_model = None
     if args.kl_coef > 0 and not hasattr(model, "peft_config"):  # LoRA: adapters off instead
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -387,6 +426,10 @@ def main(args: Args):
         enc = dataset.encode_prompts(processor, [p["question"] for p in batch_prompts], images, system)
         enc = {k: v.to(accelerator.device) for k, v in enc.items()}
         group = repeat_for_group(enc, G, vision_start)  # (P*G, Lp)
+        if step == start:  # before the first rollout: will this recipe fit?
+            accelerator.print(training.memory_line(training.memory_estimate(
+                model, accelerator, sequences=P * G, prompt_len=enc["input_ids"].shape[1],
+                new_tokens=args.max_new_tokens, micro_batch=args.micro_batch, checkpointing=args.gradient_checkpointing)))
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.eval()
         with accelerator.autocast():
@@ -407,22 +450,20 @@ def main(args: Args):
         advantages = group_advantages(r)  # (P, G)
         keep = accuracy_filter(final_acc, args.filter_low, args.filter_high) if args.accuracy_filter else \
             torch.ones(P, dtype=torch.bool)
-        if not keep.any():
-            # Every rank must take the same optimizer steps (DDP syncs in backward): train on one
-            # group with zero advantages, i.e. a zero-gradient update.
-            keep[0], advantages[0] = True, 0.0
         rows, weight = training_rows(keep, G, lockstep=sharded and world > 1)
+        if not rows:  # every process must join the backward (DDP syncs there): one group, weight 0
+            rows, weight = list(range(G)), torch.zeros(G)
         t_score = time.time() - t0 - t_gen
 
         # 4-5. Old and reference log-probs, then mu clipped-surrogate steps (Eq. 2).
         model.train()
-        stats, grad_norm = grpo_step(
+        stats, grad_norm, lr = grpo_step(
             model, ref_model, accelerator, optimizer, scheduler, dataset.select_rows(group, rows, vision_start),
             completion[rows], mask[rows].float() * weight[:, None].to(mask.device),
             advantages.flatten()[rows].to(accelerator.device), int(keep.sum()) * G, args, vision_start)
 
         # 6. Metrics: one line, one JSONL row (means over all ranks).
-        row = step_metrics(scored, r, keep, mask, stats, grad_norm, scheduler.get_last_lr()[0],
+        row = step_metrics(scored, r, keep, mask, stats, grad_norm, lr,
                            (t_gen, t_score, time.time() - t0))
         if world > 1:
             keys = sorted(row)

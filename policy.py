@@ -41,6 +41,8 @@ def load_policy(model_path, *, dtype="auto", load_in_4bit=False, lora_r=0, lora_
     lora_r > 0: LoRA adapters (peft) on the language model's linear layers only.
     freeze_vision: the vision tower and projector get no gradient (the paper freezes them).
     adapter_path: load a saved LoRA adapter on top of `model_path` (trainable if lora_r > 0).
+    lora_dropout: of new adapters and of a loaded one (RL uses 0: the sampler runs without dropout, so
+    the policy the update differentiates must too).
     """
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -80,7 +82,9 @@ def load_policy(model_path, *, dtype="auto", load_in_4bit=False, lora_r=0, lora_
         from peft import LoraConfig, PeftModel, get_peft_model
 
         if adapter_path:
-            model = PeftModel.from_pretrained(model, adapter_path, is_trainable=lora_r > 0)
+            config = LoraConfig.from_pretrained(adapter_path)
+            config.lora_dropout = lora_dropout  # as asked now, not as the adapter was trained
+            model = PeftModel.from_pretrained(model, adapter_path, is_trainable=lora_r > 0, config=config)
         else:
             model = get_peft_model(model, LoraConfig(
                 r=lora_r, lora_alpha=lora_alpha or 2 * lora_r, lora_dropout=lora_dropout,

@@ -106,13 +106,13 @@ def make_accelerator(args, grad_accum=1):
     return accelerator
 
 
-def load_trainable_policy(args, accelerator, lora_r):
+def load_trainable_policy(args, accelerator, lora_r, lora_dropout=0.05):
     """(model, processor) for training: fp32 masters for full fine-tuning, the autocast dtype for a
     frozen base (training_dtype); a LoRA directory as --model loads its adapter on its base."""
     base, adapter = policy.resolve_model(args.model)
     return policy.load_policy(
         base, dtype=training_dtype(accelerator, frozen_base=bool(lora_r)), adapter_path=adapter,
-        lora_r=lora_r, lora_alpha=args.lora_alpha or None, load_in_4bit=args.load_in_4bit,
+        lora_r=lora_r, lora_alpha=args.lora_alpha or None, lora_dropout=lora_dropout, load_in_4bit=args.load_in_4bit,
         freeze_vision=args.freeze_vision,
         gradient_checkpointing=args.gradient_checkpointing, device=str(accelerator.device))
 
@@ -133,6 +133,46 @@ def describe_trainable(model, args, accelerator, lora_r, log=print):
         f"{training_dtype(accelerator, frozen_base=bool(lora_r))} weights, {accelerator.mixed_precision} autocast, "
         f"{accelerator.distributed_type.value} x {accelerator.num_processes})")
     return n_train
+
+
+def memory_estimate(model, accelerator, *, sequences, prompt_len, new_tokens, micro_batch, checkpointing):
+    """A rough per-process peak of a training step in GB, by part, printed before the first step so a
+    recipe that cannot fit is seen at once. sequences: rows held in one rollout's KV cache (0: no
+    rollout); prompt_len + new_tokens: a sequence's length; micro_batch: rows per forward/backward.
+
+    weights as loaded (4-bit: as packed) and, per trainable parameter, a gradient and AdamW's two fp32
+    states (+ an fp32 master under DeepSpeed), split over the processes where ZeRO/FSDP shards them;
+    the KV cache of a rollout; the logits of one micro-batch (at the new tokens only) and three 64 MB fp32
+    chunks; activations of one micro-batch: ~24 hidden-sized tensors per token and layer kept for the
+    backward (Qwen's MLP is 5.3x hidden), or one per layer plus one layer's worth with checkpointing.
+    """
+    from accelerate import DistributedType
+
+    model = accelerator.unwrap_model(model)
+    text = model.config.get_text_config(decoder=True)
+    act = 2 if accelerator.mixed_precision in ("bf16", "fp16") else 4  # bytes per activation
+    world = accelerator.num_processes
+    zero = accelerator.state.deepspeed_plugin.zero_stage if \
+        accelerator.distributed_type == DistributedType.DEEPSPEED else 0
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    params = list(model.parameters())
+    weights = sum(p.numel() * p.element_size() for p in params) / (world if zero == 3 or fsdp else 1)
+    n_train = sum(getattr(p, "ds_numel", p.numel()) for p in params if p.requires_grad)
+    optimizer = n_train * (12 + (4 if zero else 0)) / (world if zero >= 2 or fsdp else 1)
+    L = prompt_len + new_tokens
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv = sequences * L * text.num_hidden_layers * 2 * text.num_key_value_heads * head_dim * act
+    logits = micro_batch * new_tokens * text.vocab_size * act + 3 * 2 ** 26
+    per_layer = micro_batch * L * text.hidden_size * act
+    activations = per_layer * (text.num_hidden_layers + 24 if checkpointing else 24 * text.num_hidden_layers)
+    parts = {"weights": weights, "grads+AdamW": optimizer, "rollout KV cache": kv, "logits": logits,
+             "activations": activations}
+    return {k: v / 1e9 for k, v in parts.items()}
+
+
+def memory_line(parts):
+    return ("memory estimate per process (GB): " + " + ".join(f"{k} {v:.1f}" for k, v in parts.items())
+            + f" = {sum(parts.values()):.1f}")
 
 
 def make_optimizer(args, model, total_steps):
@@ -354,6 +394,58 @@ def save_final(accelerator, model, processor, out_dir, *, sharded=False, merge_l
                                                             safe_serialization=True)
             processor.save_pretrained(out_dir)
     accelerator.wait_for_everyone()
+
+
+# ----------------------------------------------------------------------------------------------
+# Log-probabilities of chosen tokens without a second copy of the logits
+
+
+class SelectiveLogSoftmax(torch.autograd.Function):
+    """log softmax(logits / T)[token] for every row of (N, V) logits, holding the logits only once.
+
+    A plain `log_softmax(logits.float() / T).gather(...)` makes fp32 copies of the whole (N, V) tensor
+    and keeps one for the backward: at 7B (vocabulary 152,064) and 2,048 tokens that is 1.2 GB per
+    sequence per copy. Here the forward runs over chunks of rows, each upcast to fp32 on its own, and
+    keeps only the logsumexp (N,); the backward writes the gradient, (onehot - softmax) / T, into the
+    logits' own memory, which nothing reads after this function.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, tokens, temperature, chunk):
+        picked = torch.empty(len(logits), device=logits.device, dtype=torch.float32)
+        lse = torch.empty_like(picked)
+        for s in range(0, len(logits), chunk):
+            x = logits[s:s + chunk].float() / temperature  # (chunk, V) in fp32
+            lse[s:s + chunk] = torch.logsumexp(x, -1)
+            picked[s:s + chunk] = x.gather(-1, tokens[s:s + chunk, None]).squeeze(-1)
+        ctx.save_for_backward(logits, tokens, lse)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return picked - lse
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, tokens, lse = ctx.saved_tensors
+        T, chunk = ctx.temperature, ctx.chunk
+        for s in range(0, len(logits), chunk):
+            g = grad[s:s + chunk, None].float() / T  # (chunk, 1)
+            p = torch.exp(logits[s:s + chunk].float() / T - lse[s:s + chunk, None])  # softmax(logits / T)
+            d = (-p * g).scatter_add_(-1, tokens[s:s + chunk, None], g)  # d logp / d logits, times grad
+            logits[s:s + chunk] = d.to(logits.dtype)  # in place: the logits are not needed any more
+        return logits, None, None, None
+
+
+def selective_log_softmax(logits, tokens, temperature=1.0, chunk_bytes=2 ** 26):
+    """log softmax(logits / T) at `tokens`, in fp32: (..., V), (...) -> (...). The logits must not be used
+    by anything else afterwards (the backward overwrites them with their gradient).
+
+    Example: selective_log_softmax(torch.tensor([[0., 0.]]), torch.tensor([1])) == tensor([-0.6931])
+    """
+    V = logits.shape[-1]
+    if logits.is_leaf and logits.requires_grad:  # a leaf's own values must survive the backward
+        logits = logits.clone()
+    chunk = max(1, chunk_bytes // (4 * V))  # rows per fp32 chunk (64 MB)
+    out = SelectiveLogSoftmax.apply(logits.reshape(-1, V), tokens.reshape(-1), float(temperature), chunk)
+    return out.view(tokens.shape)
 
 
 def cosine_schedule(optimizer, warmup_steps, total_steps, min_ratio=0.0):

@@ -51,8 +51,9 @@ import toy  # noqa: E402
 RUNS = {"p1gc": (1, 3, True, 0), "p1": (1, 2, False, 120), "p4": (4, 2, True, 170)}
 
 
-def model_config(tok, tiny=False):
-    """Qwen2.5-VL-7B-Instruct's architecture (GPU-NOTES.md), or a tiny one with the same structure."""
+def model_config(tok, tiny=False, vocab_size=0):
+    """Qwen2.5-VL-7B-Instruct's architecture (the sizes of its config.json), or a tiny one with the same
+    structure; vocab_size overrides the vocabulary (e.g. the tiny one with the real 152,064)."""
     from transformers import Qwen2_5_VLConfig
 
     ids = tok.convert_tokens_to_ids
@@ -67,6 +68,7 @@ def model_config(tok, tiny=False):
         vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
                       fullatt_block_indexes=[7, 15, 23, 31])
     mrope = text.pop("mrope")
+    text["vocab_size"] = vocab_size or text["vocab_size"]
     return Qwen2_5_VLConfig(
         text_config=dict(**text, rms_norm_eps=1e-6, max_position_embeddings=128000, hidden_act="silu",
                          rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope},

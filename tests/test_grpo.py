@@ -77,7 +77,7 @@ def test_ratio_is_exactly_one_on_first_iteration_and_kl_zero(base_model_dir):
     with torch.no_grad():
         old = grpo.token_logprobs(model, group, comp, 1.0, 4, vs)
     new = grpo.token_logprobs(model, group, comp, 1.0, 4, vs)
-    args = SimpleNamespace(clip_eps=0.2, clip_eps_high=0.0, kl_coef=0.1, loss_agg="token-mean")
+    args = SimpleNamespace(clip_eps=0.2, clip_eps_high=0.0, kl_coef=0.1, loss_agg="token-mean", max_new_tokens=24)
     adv = torch.randn(comp.shape[0]).to(comp.device)
     loss, stats = grpo.grpo_loss(new, old, new.detach(), adv, mask.float(), args)
     assert torch.equal(new.detach(), old)  # ratio exp(0) == 1 exactly
@@ -119,9 +119,13 @@ def test_completion_mask_stops_at_first_eos_when_pad_is_eos():
 def test_loss_aggregations_differ_as_documented():
     per_token = torch.tensor([[1.0, 1.0, 0.0], [4.0, 0.0, 0.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
-    assert grpo.aggregate(per_token, mask, "token-mean").item() == pytest.approx(2.0)
-    assert grpo.aggregate(per_token, mask, "seq-mean-token-mean").item() == pytest.approx(2.5)
-    assert grpo.aggregate(per_token, mask, "seq-mean-token-sum-norm").item() == pytest.approx(1.0)
+    assert grpo.aggregate(per_token, mask, "token-mean", 3).item() == pytest.approx(2.0)
+    assert grpo.aggregate(per_token, mask, "seq-mean-token-mean", 3).item() == pytest.approx(2.5)
+    assert grpo.aggregate(per_token, mask, "seq-mean-token-sum-norm", 3).item() == pytest.approx(1.0)
+    # Dr. GRPO divides by the length cap, not by this batch's longest response: padding changes nothing
+    padded, pmask = torch.nn.functional.pad(per_token, (0, 4)), torch.nn.functional.pad(mask, (0, 4))
+    assert grpo.aggregate(padded, pmask, "seq-mean-token-sum-norm", 3).item() == pytest.approx(1.0)
+    assert grpo.aggregate(per_token, mask, "seq-mean-token-sum-norm", 6).item() == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("how", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
@@ -134,7 +138,7 @@ def test_lockstep_rows_give_the_same_loss_and_gradient_as_dropping_filtered_grou
     logp_all = torch.randn(P * G, T, requires_grad=True)
     old, adv = logp_all.detach() + 0.1 * torch.randn(P * G, T), torch.randn(P * G)
     mask = (torch.rand(P * G, T) > 0.3).float()
-    args = SimpleNamespace(clip_eps=0.2, clip_eps_high=0.0, kl_coef=0.0, loss_agg=how)
+    args = SimpleNamespace(clip_eps=0.2, clip_eps_high=0.0, kl_coef=0.0, loss_agg=how, max_new_tokens=T)
     totals, grads = [], []
     for lockstep in (False, True):
         rows, weight = grpo.training_rows(keep, G, lockstep)
@@ -155,7 +159,7 @@ def test_lockstep_rows_give_the_same_loss_and_gradient_as_dropping_filtered_grou
 
 
 def test_clipping_stops_gradient_beyond_the_trust_region():
-    args = SimpleNamespace(clip_eps=0.2, clip_eps_high=0.0, kl_coef=0.0, loss_agg="token-mean")
+    args = SimpleNamespace(clip_eps=0.2, clip_eps_high=0.0, kl_coef=0.0, loss_agg="token-mean", max_new_tokens=1)
     logp = torch.tensor([[0.5]], requires_grad=True)  # ratio e^0.5 = 1.65 > 1.2
     loss, stats = grpo.grpo_loss(logp, torch.zeros(1, 1), None, torch.tensor([1.0]), torch.ones(1, 1), args)
     loss.backward()
@@ -174,6 +178,9 @@ def test_short_runs_complete(base_model_dir, tmp_path, reward):
                 "wrong_to_right", "zero_spread_groups", "tokens_per_s", "gen_s"):
         assert key in rows[0] and rows[0][key] == rows[0][key]  # present and not NaN
     assert (out / "model.safetensors").exists() and (out / "curves.png").exists() and (out / "samples.jsonl").exists()
+    # the lr logged is the one each step's first update used: 1 warm-up step of 4 updates, then the cosine
+    # (step 2's first update is the schedule's third: 0.1 + 0.9 * (1 + cos(pi / 3)) / 2 = 0.775 of lr)
+    assert [r["lr"] for r in rows] == pytest.approx([4e-4, 4e-4 * 0.775])
 
 
 def test_stop_and_resume_matches_uninterrupted_run(base_model_dir, tmp_path):
@@ -250,3 +257,45 @@ def test_prompts_from_a_parquet_with_other_column_names_and_no_images(tmp_path):
     assert len(text_only) == 6 and dataset.batch_images(text_only[:2], text_only, 0)[1] == [None, None]
     with pytest.raises(ValueError, match=r"--answer_column 'answer'.*'solution_letter'"):
         dataset.load_prompts(grpo.Args(data=str(tmp_path / "rl.parquet"), question_column="problem"))
+
+
+@pytest.mark.parametrize("how", ["token-mean", "seq-mean-token-mean"])
+def test_two_processes_take_the_step_one_process_takes_on_the_whole_batch(tiny_model_dir, tmp_path, how):
+    """The loss is normalised over the batch of ALL processes: with the accuracy filter keeping 3 groups on
+    one process and 1 on the other, 2 processes must move the weights exactly as 1 process does on all
+    rows (a per-process mean would weigh the lone group's tokens 3x)."""
+    from safetensors.torch import load_file
+
+    worker = os.path.join(ROOT, "tests", "grpo_step_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    subprocess.run([sys.executable, worker, tiny_model_dir, str(one), how], check=True, cwd=ROOT, env=env, timeout=300)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", worker, tiny_model_dir,
+           str(two), how]
+    log = subprocess.run(cmd, cwd=ROOT, env=env, timeout=300, capture_output=True, text=True)
+    assert log.returncode == 0, log.stdout[-3000:] + log.stderr[-3000:]
+    a, b = load_file(one), load_file(two)
+    before = dict(policy.load_policy(tiny_model_dir, device="cpu")[0].named_parameters())
+    assert sum((a[n] - before[n]).abs().sum() for n in a) > 0, "the step changed no weight"
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_prompt_shared_logprobs_equal_one_pass_values_and_gradients(base_model_dir):
+    """Each prompt run once per micro-batch, its keys and values repeated for its G completions: the same
+    log-probs and gradients as prompt + completion in one pass (groups of 3 split over micro-batches of
+    4, left padding, images, completions that end at different lengths)."""
+    model, proc, enc, group, comp, mask, vs = _rollout(base_model_dir, G=3, n=3)
+    model.train()
+    results = []
+    for share in (False, True):
+        model.zero_grad()
+        logp = grpo.token_logprobs(model, group, comp, 0.8, 4, vs, share_prompts=share)
+        (logp * mask).sum().backward()
+        results.append((logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (a, ga), (b, gb) = results
+    assert a.shape == comp.shape and torch.allclose(a, b, atol=2e-5), (a - b).abs().max()
+    assert ga.keys() == gb.keys() and len(ga) > 10
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], rtol=1e-4, atol=1e-5, msg=n)

@@ -428,3 +428,19 @@ def test_a_crash_inside_the_swap_leaves_the_old_checkpoint_findable(tmp_path, mo
     monkeypatch.undo()
     assert not os.path.exists(path) and training.find_checkpoint(path) == path + ".old"
     assert training.load_checkpoint(accelerator, path + ".old", scheduler=scheduler)[0] == 1
+
+
+def test_lora_dropout_is_the_one_asked_also_for_a_loaded_adapter(tiny_model_dir, tmp_path):
+    """RL loads its policy with LoRA dropout 0 (the sampler runs without it), also when --model is an adapter
+    trained with dropout; other callers keep the default."""
+    def dropouts(model):
+        return {type(d).__name__ + (f"({d.p})" if hasattr(d, "p") else "")
+                for m in model.modules() if hasattr(m, "lora_dropout") for d in m.lora_dropout.values()}
+
+    model, proc = policy.load_policy(tiny_model_dir, lora_r=4)
+    assert dropouts(model) == {"Dropout(0.05)"}
+    policy.save_model(model, proc, str(tmp_path / "adapter"))
+    assert dropouts(policy.load_policy(tiny_model_dir, lora_r=4, lora_dropout=0.0)[0]) == {"Identity"}
+    loaded, _ = policy.load_policy(tiny_model_dir, adapter_path=str(tmp_path / "adapter"), lora_r=4, lora_dropout=0.0)
+    assert dropouts(loaded) == {"Identity"}
+    assert any(p.requires_grad for n, p in loaded.named_parameters() if "lora_" in n)
