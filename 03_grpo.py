@@ -93,8 +93,10 @@ class Args(training.TrainArgs, dataset.DataArgs):
     loss_agg: str = "token-mean"
     """'token-mean' (all tokens of the batch), 'seq-mean-token-mean' (original GRPO) or
     'seq-mean-token-sum-norm' (Dr. GRPO)"""
-    accuracy_filter: bool = True
-    """train only on groups whose mean final-answer accuracy is within [filter_low, filter_high]"""
+    filter: str = "final"
+    """groups the update trains on: 'final' (the authors' accuracy filter: mean final-answer accuracy within
+    [filter_low, filter_high]), 'spread' (every group whose rewards differ, DAPO's dynamic sampling: also
+    groups that are all right at the end but differ in their first answers) or 'none'"""
     filter_low: float = 0.1
     """lower bound of the accuracy filter"""
     filter_high: float = 0.9
@@ -123,6 +125,7 @@ class Args(training.TrainArgs, dataset.DataArgs):
 
 
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+FILTERS = ("final", "spread", "none")
 
 
 def check_args(args):
@@ -139,7 +142,8 @@ def check_args(args):
     if not args.temperature > 0 or not 0 < args.top_p <= 1:
         raise cli.UserError(f"GRPO samples: --temperature must be > 0 and --top_p in (0, 1]; got "
                             f"{args.temperature} and {args.top_p}")
-    if args.accuracy_filter and not 0 <= args.filter_low <= args.filter_high <= 1:
+    cli.check_choice("filter", args.filter, FILTERS)
+    if args.filter == "final" and not 0 <= args.filter_low <= args.filter_high <= 1:
         raise cli.UserError(f"--filter_low {args.filter_low} and --filter_high {args.filter_high}: "
                             "need 0 <= low <= high <= 1")
 
@@ -247,10 +251,19 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, args):
 
 
 def accuracy_filter(final_acc, low, high):
-    """The groups trained on: mean final-answer accuracy within [low, high] (the authors' [0.1, 0.9]).
-    An all-right or all-wrong group has zero advantages anyway; dropping it keeps it out of the
-    token-mean. (P,) -> (P,) bool"""
+    """The groups trained on (--filter final): mean final-answer accuracy within [low, high] (the authors'
+    [0.1, 0.9]). Under plain GRPO's reward an all-right or all-wrong group has zero advantages anyway;
+    under SRPO's it can still differ in its first answers (right -> right 1.6 vs wrong -> right 1.35),
+    which this filter drops and --filter spread keeps. (P,) -> (P,) bool"""
     return (final_acc >= low) & (final_acc <= high)
+
+
+def group_filter(how, r, final_acc, low, high):
+    """The groups the update trains on, (P,) bool, from rewards r (P, G) and mean final accuracy (P,):
+    --filter final (accuracy_filter), spread (rewards differ: DAPO's dynamic sampling) or none."""
+    if how == "final":
+        return accuracy_filter(final_acc, low, high)
+    return r.std(1) > 1e-6 if how == "spread" else torch.ones(len(r), dtype=torch.bool)
 
 
 def training_rows(keep, G, lockstep):
@@ -354,6 +367,7 @@ def step_metrics(scored, r, keep, mask, stats, grad_norm, lr, times):
         "response_tokens": mask.sum(1).float().mean().item(),
         "zero_spread_groups": (r.std(1) < 1e-6).float().mean().item(),
         "groups_kept": keep.float().mean().item(),
+        "dropped_with_spread": (~keep & (r.std(1) > 1e-6)).float().mean().item(),  # signal the filter threw away
         **stats, "grad_norm": float("nan") if grad_norm is None else float(grad_norm), "lr": lr,
         "step_s": step_s, "gen_s": gen_s, "score_s": score_s, "update_s": step_s - gen_s - score_s,
         "tokens_per_s": float(mask.sum()) / step_s,
@@ -448,8 +462,7 @@ def main(args: Args):
 
         # 3. Group-normalised advantages (Eq. 3) and the accuracy filter.
         advantages = group_advantages(r)  # (P, G)
-        keep = accuracy_filter(final_acc, args.filter_low, args.filter_high) if args.accuracy_filter else \
-            torch.ones(P, dtype=torch.bool)
+        keep = group_filter(args.filter, r, final_acc, args.filter_low, args.filter_high)
         rows, weight = training_rows(keep, G, lockstep=sharded and world > 1)
         if not rows:  # every process must join the backward (DDP syncs there): one group, weight 0
             rows, weight = list(range(G)), torch.zeros(G)

@@ -80,6 +80,11 @@ class Args:
     """model dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32"""
     load_in_4bit: bool = False
     """load the model in nf4 (bitsandbytes) to fit a small GPU"""
+    samples: int = 0
+    """the headroom gauge: also sample this many answers per item at --sample_temperature and report pass@1,
+    pass@k and the reachable and fragile shares (evaluation.headroom; 16 is a good k); 0 = greedy only"""
+    sample_temperature: float = 1.0
+    """temperature of those samples (GRPO samples at 1.0)"""
     judge_base_url: str = ""
     """OpenAI-compatible endpoint for answer extraction, e.g. https://api.openai.com/v1 or a vLLM /
     SGLang server's http://host:port/v1 ('' = rule-based)"""
@@ -187,7 +192,10 @@ def _write_error(out_path, item, message):
 
 
 def make_generator(model_path, args, max_new_tokens, prompt):
-    """Load the model; return generate(questions, images) -> responses, greedy, in the chosen format."""
+    """Load the model; return (generate, sample): generate(questions, images) -> responses, greedy, in the
+    chosen format; sample(questions, images, k, seed) -> k responses per question at --sample_temperature."""
+    import torch
+
     local = model_path.startswith((".", "/", "runs")) or model_path.count("/") != 1  # not a hub id
     if local and not os.path.exists(model_path):
         raise cli.UserError(f"no model at {model_path}: train it first (see the README / Makefile) "
@@ -195,14 +203,49 @@ def make_generator(model_path, args, max_new_tokens, prompt):
     base, adapter = policy.resolve_model(model_path)  # a LoRA output dir names its base model
     model, processor = policy.load_policy(base, dtype=args.dtype, load_in_4bit=args.load_in_4bit,
                                           adapter_path=adapter)
+    system = dataset.SYSTEM_PROMPTS[prompt]
 
     def generate(questions, images):
-        return rollout.generate_responses(model, processor, questions, images,
-                                         system_prompt=dataset.SYSTEM_PROMPTS[prompt],
+        return rollout.generate_responses(model, processor, questions, images, system_prompt=system,
                                          max_new_tokens=max_new_tokens, temperature=0.0,
                                          batch_size=len(questions), desc="generate")
 
-    return generate
+    def sample(questions, images, k, seed):
+        enc = dataset.encode_prompts(processor, questions, images, system)
+        vision_start = processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")
+        group = dataset.select_rows(enc, [i for i in range(len(questions)) for _ in range(k)], vision_start)
+        torch.manual_seed(seed)
+        texts = rollout.generate(model, processor, group, max_new_tokens=max_new_tokens,
+                                 temperature=args.sample_temperature)[2]
+        return [texts[i * k:(i + 1) * k] for i in range(len(questions))]
+
+    return generate, sample
+
+
+def evaluate_samples(items, sample, out_path, *, benchmark, k, batch_size, seed, extract=None):
+    """The gauge's samples: k responses per item not yet in `out_path`, scored, one row per item appended
+    after each batch (a rerun continues). Items whose image fails are left out (their greedy row says
+    why). Each batch's draws are seeded by --seed and its first item."""
+    done = {r["id"] for r in dataset.read_jsonl(out_path)}
+    todo = [it for it in items if it["_id"] not in done]
+    per_call = max(1, batch_size * 4 // k)  # items per generate call: batch_size x 4 sequences
+    bar = tqdm(total=len(todo), desc=f"sample {k} x {benchmark}")
+    for start in range(0, len(todo), per_call):
+        ready, images = [], []
+        for item in todo[start:start + per_call]:
+            try:
+                images.append(dataset.open_image(item["_image"]))
+                ready.append(item)
+            except dataset.ImageError:
+                pass
+        if ready:
+            index = items.index(ready[0])  # the seed follows the item, not the position in this run
+            responses = sample([it["_question"] for it in ready], images, k, seed * 1_000_003 + index)
+            for item, rs in zip(ready, responses):
+                dataset.append_jsonl(out_path, evaluation.sample_row(benchmark, item, rs, extract))
+        bar.update(len(todo[start:start + per_call]))
+    bar.close()
+    return dataset.read_jsonl(out_path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,6 +269,8 @@ def summary_markdown(summary, title):
               f"| {_fmt(r['wrong_to_right'])} | {_fmt(r['right_to_wrong'])} "
               f"| {_fmt(r['mean_response_tokens'])} | {_fmt(r['mean_reflection_tokens'])} "
               f"| {summary['errors']} |"]
+    if summary.get("headroom"):
+        lines += ["", evaluation.headroom_markdown({"": summary["headroom"]})]
     return "\n".join(lines) + "\n"
 
 
@@ -257,6 +302,9 @@ def write_comparison(summaries, out_dir, title, rows=None):
                 if p:
                     lines.append(f"| {a} | {b} | {100 * p['difference']:+.1f} | "
                                  f"[{100 * p['ci95'][0]:+.1f}, {100 * p['ci95'][1]:+.1f}] |")
+    gauges = {name: s["headroom"] for name, s in summaries.items() if s.get("headroom")}
+    if gauges:
+        lines += ["", evaluation.headroom_markdown(gauges)]
     markdown = "\n".join(lines) + "\n"
     os.makedirs(out_dir, exist_ok=True)
     Path(out_dir, "comparison.md").write_text(markdown)
@@ -349,13 +397,20 @@ def main(args):
         _check_run(model_dir, {"model": path, "prompt": prompt, "max_new_tokens": max_new_tokens,
                                "judge": args.judge_model if extract else None})
         out_path = os.path.join(model_dir, "items.jsonl")
+        samples_path = os.path.join(model_dir, f"samples{args.samples}_t{args.sample_temperature:g}.jsonl")
+        sampling = args.samples and len(dataset.read_jsonl(samples_path)) < len(items)
         # the model is loaded only when there is work: a finished run just re-summarises its rows
-        generate = make_generator(path, args, max_new_tokens, prompt) if pending(items, out_path) else None
+        generate, sample = make_generator(path, args, max_new_tokens, prompt) if pending(items, out_path) \
+            or sampling else (None, None)
         rows = evaluate(items, generate, out_path, benchmark=args.benchmark, batch_size=args.batch_size,
                         extract=extract)
         # args holds judge_api_key_env, the key's variable name, never the key
         summary = {**evaluation.summarize(rows, args.benchmark), "model": path, "folder": folder, "split": split,
                    "prompt": prompt, "max_new_tokens": max_new_tokens, "args": asdict(args)}
+        if args.samples:
+            sampled = evaluate_samples(items, sample, samples_path, benchmark=args.benchmark, k=args.samples,
+                                       batch_size=args.batch_size, seed=args.seed, extract=extract)
+            summary["headroom"] = evaluation.headroom(rows, sampled)
         markdown = summary_markdown(summary, f"{run_name} · {name}")
         Path(model_dir, "summary.json").write_text(json.dumps(summary, indent=2))
         Path(model_dir, "summary.md").write_text(markdown)

@@ -133,3 +133,68 @@ def check_toy(model, processor, *, n, prompt, max_new_tokens=128, batch_size=64,
                                        max_new_tokens=max_new_tokens, batch_size=batch_size, desc=desc)
     rows = [make_row(task, item, text) for item, text in zip(items, texts)]
     return summarize(rows, task), rows
+
+
+# ----------------------------------------------------------------------------------------------
+# The headroom gauge: what RL can gain, from k samples per item beside the greedy answer
+
+
+REACHABLE_P = 0.25  # greedy wrong, but at least this share of samples right: RL can flip it
+FRAGILE_P = 0.5  # greedy right, but fewer than this share of samples right: RL can break it
+
+
+def sample_row(benchmark, item, responses, extract=None):
+    """One item's k sampled responses, scored like greedy ones: a row of the samples JSONL."""
+    scores = [score(benchmark, item, r, extract) for r in responses]
+    return {"id": item["_id"], "category": item["_category"], "responses": responses,
+            "first_correct": [s["first_correct"] for s in scores], "correct": [s["correct"] for s in scores]}
+
+
+def headroom(greedy_rows, sample_rows):
+    """RL raises greedy accuracy on problems that sampling already answers right some of the time, and only
+    sharpens the others (Yue et al. 2025; the learning signal of a prompt scales with p (1 - p)). Per
+    answer (final, first) and per category, in % of items, from each item's greedy answer and the share p
+    of its k samples that are right:
+      greedy, pass@1 (mean p), pass@k (any sample right);
+      reachable  greedy wrong, p >= 1/4 (what RL can realistically flip);  any_right: greedy wrong, p > 0;
+      fragile    greedy right, p < 1/2 (what RL can break);  band: 1/4 <= p <= 3/4 (where the signal is).
+    """
+    by_id = {r["id"]: r for r in sample_rows}
+    pairs = [(g, by_id[g["id"]]) for g in greedy_rows if g["id"] in by_id and not g.get("error")]
+
+    def figures(pairs, key):
+        if not pairs:
+            return None
+        p = [sum(s[key]) / len(s[key]) for _, s in pairs]
+        right = [bool(g[key]) for g, _ in pairs]
+        share = lambda flags: round(100 * sum(flags) / len(flags), 2)  # noqa: E731
+        return {"n": len(pairs), "greedy": share(right), "pass@1": round(100 * sum(p) / len(p), 2),
+                "pass@k": share([any(s[key]) for _, s in pairs]),
+                "reachable": share([not r and q >= REACHABLE_P for r, q in zip(right, p)]),
+                "any_right": share([not r and q > 0 for r, q in zip(right, p)]),
+                "fragile": share([r and q < FRAGILE_P for r, q in zip(right, p)]),
+                "band": share([REACHABLE_P <= q <= 1 - REACHABLE_P for q in p])}
+
+    categories = sorted({g["category"] for g, _ in pairs})
+    return {"k": len(pairs[0][1]["correct"]) if pairs else 0,
+            "final": figures(pairs, "correct"), "first": figures(pairs, "first_correct"),
+            "categories": {c: {"final": figures([x for x in pairs if x[0]["category"] == c], "correct"),
+                               "first": figures([x for x in pairs if x[0]["category"] == c], "first_correct")}
+                           for c in categories}}
+
+
+HEADROOM_COLUMNS = ("greedy", "pass@1", "pass@k", "reachable", "any_right", "fragile", "band")
+
+
+def headroom_markdown(gauges):
+    """{model: headroom(...)} -> a Markdown table of the final and first answers' figures."""
+    k = next(iter(gauges.values()))["k"]
+    head = ["model", "answer", *[c.replace("pass@k", f"pass@{k}") + " %" for c in HEADROOM_COLUMNS]]
+    lines = [f"Headroom (k = {k} samples per item; reachable: greedy wrong, >= 1/4 of samples right; fragile: "
+             "greedy right, < 1/2 right; band: 1/4 to 3/4 right):", "",
+             "| " + " | ".join(head) + " |", "|---|---|" + "---:|" * len(HEADROOM_COLUMNS)]
+    for name, g in gauges.items():
+        for answer in ("final", "first"):
+            if g[answer]:
+                lines.append(f"| {name} | {answer} | " + " | ".join(f"{g[answer][c]:.1f}" for c in HEADROOM_COLUMNS) + " |")
+    return "\n".join(lines) + "\n"

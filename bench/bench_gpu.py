@@ -248,7 +248,7 @@ def run_grpo(a, name, data, deadline):
     argv = ["--model", a.model_dir, "--out_dir", out, "--data", data, "--steps", str(steps),
             "--prompts_per_step", str(P), "--group_size", str(a.group_size), "--max_new_tokens", str(a.new_tokens),
             "--min_new_tokens", str(a.new_tokens), "--save_every", "0", "--sample_every", "0",
-            "--no-accuracy_filter", "--lora_r", "16"] + (["--load_in_4bit"] if a.load_in_4bit else []) \
+            "--filter", "none", "--lora_r", "16"] + (["--load_in_4bit"] if a.load_in_4bit else []) \
         + (["--gradient_checkpointing"] if ckpt else [])
     print(f"\n== {name}: {P} prompt(s) x G={a.group_size}, {steps} step(s), {a.new_tokens} tokens, "
           f"4-bit={a.load_in_4bit}, grad ckpt={ckpt}; {left:.0f} s left\n   03_grpo.py {' '.join(argv)}", flush=True)

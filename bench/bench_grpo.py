@@ -81,7 +81,7 @@ def run(a, root, code, variant, G, L):
     with tempfile.TemporaryDirectory() as out:
         argv = ["--model", os.path.abspath(a.model), "--out_dir", out, "--steps", str(a.steps), "--group_size", str(G),
                 "--prompts_per_step", str(a.prompts_per_step), "--save_every", "0", "--sample_every", "0", *flags]
-        argv += ["--max_new_tokens", str(L), "--min_new_tokens", str(L), "--no-accuracy_filter"] if L else \
+        argv += ["--max_new_tokens", str(L), "--min_new_tokens", str(L), "--filter", "none"] if L else \
             ["--max_new_tokens", "128"]
         res = subprocess.run([sys.executable, "-c", CHILD, json.dumps(argv)], capture_output=True, text=True,
                              cwd=root)

@@ -69,7 +69,7 @@ def main():
         argv = ["--model", model_dir, "--out_dir", os.path.join(tmp, "out"), "--steps", "1", "--prompts_per_step", "1",
                 "--group_size", str(a.group_size), "--max_new_tokens", str(a.new_tokens),
                 "--min_new_tokens", str(a.new_tokens), "--micro_batch", str(a.micro_batch), "--reward", "grpo",
-                "--no-accuracy_filter", "--save_every", "0", "--sample_every", "0", "--train_size", "8"]
+                "--filter", "none", "--save_every", "0", "--sample_every", "0", "--train_size", "8"]
         t = time.time()
         res = subprocess.run([sys.executable, "-c", CHILD, json.dumps(argv)], capture_output=True, text=True,
                              cwd=ROOT)

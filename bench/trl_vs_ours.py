@@ -79,7 +79,7 @@ def main():
                 "--min_new_tokens", str(L), "--micro_batch", str(a.micro_batch or seqs),
                 "--lora_r", str(a.lora_r), "--kl_coef", str(a.kl_coef), "--temperature", "1.0", "--mu", "1",
                 "--save_every", "0", "--sample_every", "0",
-                "--no-accuracy_filter"]  # every group trains, on both sides
+                "--filter", "none"]  # every group trains, on both sides
         for side in sides:
             with tempfile.TemporaryDirectory() as out:
                 extra = shlex.split(a.ours_args) if side == "ours" else []  # flags TRL's side has no use for

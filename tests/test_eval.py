@@ -455,6 +455,41 @@ def test_script_on_the_toy_split_resumes_and_compares(tiny_model, tmp_path):
     assert (out / "toy-test" / "a" / "items.jsonl").read_text().count("\n") == 6  # nothing appended
 
 
+def test_headroom_figures_from_greedy_and_sampled_answers():
+    """Each figure counted by hand on six items with k = 4 samples (p = share of samples right)."""
+    greedy = [(True, 1.0), (True, 0.25), (False, 0.5), (False, 0.25), (False, 0.0), (True, 0.75)]
+    rows = [{"id": str(i), "category": "a" if i < 3 else "b", "correct": g, "first_correct": False}
+            for i, (g, _) in enumerate(greedy)]
+    samples = [{"id": str(i), "category": r["category"], "first_correct": [False] * 4,
+                "correct": [j < 4 * p for j in range(4)]} for i, (r, (_, p)) in enumerate(zip(rows, greedy))]
+    h = evaluation.headroom(rows, samples)
+    f = h["final"]
+    assert h["k"] == 4 and f["n"] == 6
+    assert f["greedy"] == 50.0 and f["pass@1"] == pytest.approx(100 * 2.75 / 6, abs=0.01)
+    assert f["pass@k"] == pytest.approx(100 * 5 / 6, abs=0.01)
+    assert f["reachable"] == pytest.approx(100 * 2 / 6, abs=0.01)  # items 2 and 3
+    assert f["any_right"] == pytest.approx(100 * 2 / 6, abs=0.01)
+    assert f["fragile"] == pytest.approx(100 / 6, abs=0.01)  # item 1
+    assert f["band"] == pytest.approx(100 * 4 / 6, abs=0.01)  # p in [1/4, 3/4]: items 1, 2, 3, 5
+    assert h["first"]["greedy"] == 0.0 and h["first"]["pass@k"] == 0.0
+    assert h["categories"]["a"]["final"]["n"] == 3 and h["categories"]["b"]["final"]["reachable"] == pytest.approx(33.33)
+    assert "| m | final | 50.0 | 45.8 | 83.3 | 33.3 | 33.3 | 16.7 | 66.7 |" in evaluation.headroom_markdown({"m": h})
+
+
+def test_script_samples_the_headroom_gauge_and_resumes(tiny_model, tmp_path):
+    out = tmp_path / "eval"
+    args = ["--model", tiny_model, "--limit", "5", "--max_new_tokens", "6", "--batch_size", "4", "--samples", "3",
+            "--out_dir", str(out)]
+    stdout = run_eval(*args)
+    folder = out / "toy-test" / Path(tiny_model).name
+    rows = [json.loads(line) for line in (folder / "samples3_t1.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 and all(len(r["responses"]) == len(r["correct"]) == 3 for r in rows)
+    assert json.loads((folder / "summary.json").read_text())["headroom"]["final"]["n"] == 5
+    assert "Headroom (k = 3" in stdout
+    run_eval(*args)  # a rerun samples nothing more
+    assert (folder / "samples3_t1.jsonl").read_text().count("\n") == 5
+
+
 def test_script_with_a_broken_image_in_a_local_copy(tiny_model, tmp_path):
     data = tmp_path / "mathvision_copy"
     (data / "images").mkdir(parents=True)

@@ -116,6 +116,15 @@ def test_completion_mask_stops_at_first_eos_when_pad_is_eos():
     assert m.tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
 
 
+def test_filters_keep_the_groups_they_promise():
+    # rewards of 3 groups: all final answers right but first answers differ; all wrong the same way; mixed
+    r = torch.tensor([[1.6, 1.35, 1.6, 1.35], [0.85, 0.85, 0.85, 0.85], [1.6, 0.85, 1.1, 0.85]])
+    final_acc = torch.tensor([1.0, 0.0, 0.5])
+    assert grpo.group_filter("final", r, final_acc, 0.1, 0.9).tolist() == [False, False, True]
+    assert grpo.group_filter("spread", r, final_acc, 0.1, 0.9).tolist() == [True, False, True]
+    assert grpo.group_filter("none", r, final_acc, 0.1, 0.9).tolist() == [True, True, True]
+
+
 def test_loss_aggregations_differ_as_documented():
     per_token = torch.tensor([[1.0, 1.0, 0.0], [4.0, 0.0, 0.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
