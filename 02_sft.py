@@ -111,6 +111,9 @@ class Args(training.TrainArgs):
     """cut-off in tokens; longer sequences lose the end of their target (paper: 4096)"""
     max_pixels: int = 262144
     """images with more pixels are downscaled first, keeping the aspect ratio (paper: 262,144)"""
+    train_first_attempt: bool = True
+    """the policy's own first attempt (the target before <reflection>) is in the loss, as in the paper;
+    --no-train_first_attempt keeps it as context only (an ablation: its errors are not imitated)"""
     merge_lora: bool = False
     """LoRA: also save a merged full model under out_dir/merged"""
     eval_size: int = 200
@@ -155,7 +158,7 @@ def load_sft_data(path):
     return ds
 
 
-def encode_rows(processor, rows, *, root, data_path="", max_pixels=0, max_len=0):
+def encode_rows(processor, rows, *, root, data_path="", max_pixels=0, max_len=0, untrained_prefix=""):
     """A right-padded training batch with Eq. (1) labels for a list of SFT rows.
 
     Rows are grouped by `prompt_style` (each style has its own system prompt) and the groups'
@@ -169,7 +172,8 @@ def encode_rows(processor, rows, *, root, data_path="", max_pixels=0, max_len=0)
     for style, group in groups.items():
         images = [dataset.load_image(root, r["image"], max_pixels, f"{data_path}: row id {r['id']!r}") for r in group]
         parts.append(dataset.encode_sft(processor, [r["question"] for r in group], images,
-                                       [r["response"] for r in group], dataset.SYSTEM_PROMPTS[style]))
+                                       [r["response"] for r in group], dataset.SYSTEM_PROMPTS[style],
+                                       untrained_prefix))
     batch = parts[0] if len(parts) == 1 else concat_batches(parts, processor.tokenizer.pad_token_id)
     if max_len and batch["input_ids"].shape[1] > max_len:  # cut the end (the target's tail), never the image
         n_image = (batch["input_ids"] == processor.image_token_id).sum()
@@ -386,7 +390,8 @@ def main(args: Args):
         batch_idx = order[pos * args.batch_size:(pos + 1) * args.batch_size]  # the same on every process
         mine = batch_idx[rank * micro * args.grad_accum:(rank + 1) * micro * args.grad_accum]  # this process's share
         batches = [encode_rows(processor, ds.select(mine[i:i + micro]), root=root, data_path=args.data,
-                               max_pixels=args.max_pixels, max_len=args.max_len)
+                               max_pixels=args.max_pixels, max_len=args.max_len,
+                               untrained_prefix="" if args.train_first_attempt else "<reflection>")
                    for i in range(0, len(mine), micro)]
         if step == start:  # before the first update: will this recipe fit?
             log(training.memory_line(training.memory_estimate(

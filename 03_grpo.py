@@ -62,7 +62,11 @@ class Args(training.TrainArgs, dataset.DataArgs):
     use_length: bool = True
     """ablation: --no-use_length drops alpha x f_len"""
     use_effectiveness: bool = True
-    """ablation: --no-use_effectiveness drops I_eff"""
+    """ablation: --no-use_effectiveness drops I_eff (Eq. 7)"""
+    use_accuracy: bool = True
+    """ablation: --no-use_accuracy drops R_accuracy, the first answer's reward (Eq. 5)"""
+    use_reflection_format: bool = True
+    """ablation: --no-use_reflection_format drops I_ref (Eq. 6)"""
     system_prompt: str = "auto"
     """key of dataset.SYSTEM_PROMPTS; 'auto' = 'plain' for the grpo reward, else 'reflect'"""
     steps: int = 40
@@ -410,7 +414,8 @@ def main(args: Args):
     count_tokens = lambda s: len(tok(s, add_special_tokens=False).input_ids)  # noqa: E731
     reward_fn = lambda text, p: rewards.srpo_reward(  # noqa: E731
         text, p["answer"], choices=p["choices"] or None, count_tokens=count_tokens, variant=args.reward,
-        alpha=args.alpha, use_length=args.use_length, use_effectiveness=args.use_effectiveness)
+        alpha=args.alpha, use_length=args.use_length, use_effectiveness=args.use_effectiveness,
+        use_accuracy=args.use_accuracy, use_reflection_format=args.use_reflection_format)
     optimizer, scheduler = training.make_optimizer(args, model, args.steps * args.mu)
     training.prepare_deepspeed(accelerator, args.micro_batch, args.grad_clip)
     model, optimizer = accelerator.prepare(model, optimizer)

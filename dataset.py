@@ -58,16 +58,20 @@ def encode_prompts(processor, questions, images, system_prompt):
                      padding_side="left")
 
 
-def encode_sft(processor, questions, images, targets, system_prompt):
+def encode_sft(processor, questions, images, targets, system_prompt, untrained_prefix=""):
     """Right-padded prompt + assistant target with `labels` = -100 everywhere except the target (Eq. 1).
 
     The target ends with the chat end-of-turn token, which is trained too, so the model learns to stop.
+    untrained_prefix: a tag (e.g. "<reflection>"); the part of each target before it is context, not
+    trained on (02's --no-train_first_attempt: the policy's own first attempt stays out of the loss).
     """
     tok = processor.tokenizer
     eot = tok.convert_tokens_to_ids("<|im_end|>")
     prompts = [build_prompt(processor, q, im is not None, system_prompt) for q, im in zip(questions, images)]
     # Encode prompt-only first: its length (image tokens expanded) is where the target starts.
-    prompt_lens = [int(m.sum()) for m in processor(text=prompts, images=_as_rgb(images) or None, padding=True,
+    contexts = [p + t[:t.find(untrained_prefix)] if untrained_prefix and untrained_prefix in t else p
+                for p, t in zip(prompts, targets)]
+    prompt_lens = [int(m.sum()) for m in processor(text=contexts, images=_as_rgb(images) or None, padding=True,
                                                    return_tensors="pt", padding_side="right")["attention_mask"]]
     full = [p + t + "<|im_end|>" for p, t in zip(prompts, targets)]
     batch = processor(text=full, images=_as_rgb(images) or None, padding=True, return_tensors="pt",

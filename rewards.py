@@ -101,7 +101,7 @@ def _first_solution_len(p, count_tokens):
 
 
 def paper_reward(response, gold, *, count_tokens=None, alpha=0.1, use_length=True,
-                 use_effectiveness=True, choices=None) -> dict:
+                 use_effectiveness=True, use_accuracy=True, use_reflection_format=True, choices=None) -> dict:
     """SRPO reward as written in the paper, Eqs. (4)-(8); see the table at the top of the module.
 
     Format (R_format, our reading of the paper's template): the response is nothing but, in order,
@@ -132,7 +132,7 @@ def paper_reward(response, gold, *, count_tokens=None, alpha=0.1, use_length=Tru
     final = grade(grading.extract_answer(response, p))
     fmt = FORMAT_REWARD if p["layout"] in PAPER_LAYOUTS and all(
         p[k] for k in ("think1", "answer1", "reflection", "answer2")) and p["think2"] != "" else 0.0
-    acc = ACCURACY_REWARD * first  # Eq. (5): R_task = R_format + R_accuracy, first answer only
+    acc = ACCURACY_REWARD * first * use_accuracy  # Eq. (5): R_task = R_format + R_accuracy, first answer only
     if not has_refl:  # our choice, see the docstring
         return _result(fmt, acc, first=first, final=final)
     second = grade(grading.graded_text(p["answer2"]))
@@ -141,7 +141,7 @@ def paper_reward(response, gold, *, count_tokens=None, alpha=0.1, use_length=Tru
         eff = EFFECTIVENESS[(first, second)]  # Eq. (7)
     one_reflection = sum(name == "reflection" for _, _, name, _ in grading.find_tags(response)) == 2 \
         and len(p["reflections"]) == 1 and not grading.find_tags(p["reflection"])
-    ref = REFLECTION_FORMAT_REWARD if one_reflection and p["answer1"] is not None \
+    ref = REFLECTION_FORMAT_REWARD if one_reflection and use_reflection_format and p["answer1"] is not None \
         and p["answer2"] is not None else 0.0
     f = f_len(count_tokens(response), _first_solution_len(p, count_tokens)) if use_length else 0.0
     # Eqs. (4) and (6): R = R_format + R_accuracy + I_eff + I_ref + alpha * f_len
@@ -202,14 +202,16 @@ def grpo_reward(response, gold, *, choices=None) -> dict:
 
 
 def srpo_reward(response: str, gold: str, *, count_tokens=None, variant="paper", alpha=0.1,
-                use_length=True, use_effectiveness=True, choices=None) -> dict:
+                use_length=True, use_effectiveness=True, use_accuracy=True, use_reflection_format=True,
+                choices=None) -> dict:
     """Reward of one response, every component included (keys: REWARD_KEYS, all floats).
 
     variant: "paper" (Eqs. 4-8, default), "released" (the authors' code) or "grpo" (baseline).
     count_tokens: text -> token count (the policy's tokenizer in training; grading.default_count_tokens).
     Ablations: use_length=False drops alpha*f_len ("no f_len"), use_effectiveness=False drops I_eff
-    ("no I_eff", paper variant only), alpha weighs f_len (0.1; the paper also tries 0.05 and 0.3).
-    "released" honours alpha and use_length; "grpo" ignores all three.
+    ("no I_eff"), use_accuracy=False drops R_accuracy, use_reflection_format=False drops I_ref (these
+    three: paper variant only), alpha weighs f_len (0.1; the paper also tries 0.05 and 0.3).
+    "released" honours alpha and use_length; "grpo" ignores them all.
     choices: option texts in order A, B, C, ... for multiple choice, else None.
 
     Example: srpo_reward("<think>1+1=2</think><answer>2</answer><reflection>Checked.</reflection>"
@@ -227,4 +229,5 @@ def srpo_reward(response: str, gold: str, *, count_tokens=None, variant="paper",
         return released_reward(response, gold, count_tokens=count_tokens, alpha=alpha,
                                use_length=use_length, choices=choices)
     return paper_reward(response, gold, count_tokens=count_tokens, alpha=alpha, use_length=use_length,
-                        use_effectiveness=use_effectiveness, choices=choices)
+                        use_effectiveness=use_effectiveness, use_accuracy=use_accuracy,
+                        use_reflection_format=use_reflection_format, choices=choices)

@@ -351,6 +351,11 @@ def test_paper_ablations(first, final):
         assert r["total"] == pytest.approx(PAPER_TOTALS[(first, final)] - 0.1 + alpha)
         assert r["length"] == pytest.approx(alpha)
     assert R.EFFECTIVENESS[(right1, right2)] == R.srpo_reward(text, "7")["effectiveness"]
+    no_acc = R.srpo_reward(text, "7", use_accuracy=False)
+    assert no_acc["accuracy"] == 0 and no_acc["first_correct"] == right1
+    assert no_acc["total"] == pytest.approx(PAPER_TOTALS[(first, final)] - 0.5 * right1)
+    no_ref = R.srpo_reward(text, "7", use_reflection_format=False)
+    assert no_ref["reflection_format"] == 0 and no_ref["total"] == pytest.approx(PAPER_TOTALS[(first, final)] - 0.25)
 
 
 # ----------------------------------------------------------------------------------------------

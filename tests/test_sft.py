@@ -96,6 +96,16 @@ def test_label_mask_covers_exactly_the_assistant_tokens(tiny_model_dir, sft_data
         assert len(image_positions) == 16 and all(labels[t] == -100 for t in image_positions)
         assert tok.decode(ids[:begin]).count(row["question"]) == 1  # the user turn is in the masked part
     assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+    # --no-train_first_attempt: the same tokens, trained from <reflection> on
+    cut = sft.encode_rows(processor, rows, root=os.path.dirname(sft_data), data_path=sft_data,
+                          untrained_prefix="<reflection>")
+    assert torch.equal(cut["input_ids"], batch["input_ids"])
+    reflection = tok.convert_tokens_to_ids("<reflection>")
+    for i in range(len(rows)):
+        ids, labels = batch["input_ids"][i].tolist(), cut["labels"][i].tolist()
+        start = ids.index(reflection, [t for t, x in enumerate(ids) if x == im_start][2])  # the target's, not the system prompt's
+        assert all(x == -100 for x in labels[:start]) and labels[start:] == batch["labels"][i].tolist()[start:]
+        assert labels[start] == reflection
 
 
 def test_bad_rows_name_file_row_and_field(tmp_path, sft_data):
