@@ -93,17 +93,45 @@ def make_accelerator(args, grad_accum=1):
     """bf16 autocast on a GPU (fp16 where bf16 is missing), fp32 on the CPU (several processes: gloo);
     ZeRO/FSDP come from `accelerate launch --config_file configs/*.yaml`."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, parse_flag_from_env
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, parse_flag_from_env
 
     on_gpu = torch.cuda.is_available() and not (args.cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))
     half = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if on_gpu else "no"
+    # an unfrozen vision tower gets no gradient from text-only batches: let DDP allow that
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=not args.freeze_vision)]
+    # accelerate's cpu=True silently turns a DeepSpeed config into plain multi-CPU data parallel;
+    # DeepSpeed itself runs on CPUs when accelerate leaves it the device and gets gloo to talk over
+    deepspeed_on_cpu = not on_gpu and parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
+    if deepspeed_on_cpu:
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
     accelerator = Accelerator(
-        cpu=not on_gpu, mixed_precision=half, gradient_accumulation_steps=grad_accum,
-        # an unfrozen vision tower gets no gradient from text-only batches: let DDP allow that
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=not args.freeze_vision)],
+        cpu=not on_gpu and not deepspeed_on_cpu, mixed_precision=half, gradient_accumulation_steps=grad_accum,
+        kwargs_handlers=handlers,
         log_with=None if args.report_to == "none" else args.report_to, project_dir=args.out_dir)
+    if not on_gpu and parse_flag_from_env("SRPO_TEST_FSDP_ON_CPU") and parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        fsdp_on_cpu_for_tests(accelerator)
     keep_trainable_in_checkpoints(accelerator)
     return accelerator
+
+
+def fsdp_on_cpu_for_tests(accelerator):
+    """TEST-ONLY (SRPO_TEST_FSDP_ON_CPU=1 with an FSDP accelerate config, no GPU): turn the gloo
+    multi-CPU run into a real FSDP one, so that tests/test_sharded.py shards on CPU processes.
+
+    accelerate (1.15, pinned) switches to FSDP only from GPU-like devices and offers no supported way
+    to choose it on a CPU; this sets its internal state as that switch would (the plugin reads the
+    config from the environment accelerate launch set). It relies on accelerate's internals: not for
+    real runs, which get FSDP from accelerate itself on their GPUs.
+    """
+    from accelerate import DistributedType
+    from accelerate.state import PartialState
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    if accelerator.num_processes < 2:
+        return
+    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+    accelerator.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
 def load_trainable_policy(args, accelerator, lora_r):
