@@ -278,7 +278,7 @@ def main(args: Args):
     model, processor = training.load_trainable_policy(args, accelerator, lora_r)
     dtype = training.training_dtype(accelerator, frozen_base=bool(lora_r))
     trainable = [p for p in model.parameters() if p.requires_grad]
-    n_train, n_all = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
+    n_train, n_all = sum(map(training.numel, trainable)), sum(map(training.numel, model.parameters()))
     if not n_train:
         raise cli.UserError(f"{args.model}: nothing to train (a LoRA adapter as --model needs --lora_r > 0)")
     log(f"{args.model}: {n_train / 1e6:.2f}M of {n_all / 1e6:.2f}M parameters trainable "

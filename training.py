@@ -145,6 +145,12 @@ def load_trainable_policy(args, accelerator, lora_r):
         gradient_checkpointing=args.gradient_checkpointing, device=str(accelerator.device))
 
 
+def numel(p):
+    """A parameter's elements, also under ZeRO-3 with zero3_init_flag, where each process holds a
+    partition and p.numel() is 0."""
+    return getattr(p, "ds_numel", p.numel())
+
+
 def make_optimizer(args, model, total_steps):
     """AdamW on the trainable parameters, linear warm-up then cosine decay over `total_steps` steps."""
     params = [p for p in model.parameters() if p.requires_grad]
