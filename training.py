@@ -262,6 +262,7 @@ def save_checkpoint(accelerator, path, *, scheduler, step, extra=None):
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()  # every process has written its files (its RNG state, its shard)
     if accelerator.is_main_process:
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump({"step": step, "scheduler": scheduler.state_dict(), "extra": extra or {}}, f)
