@@ -353,6 +353,8 @@ def save_final(accelerator, model, processor, out_dir, *, sharded=False, merge_l
     as trained; or 'float32' / 'bfloat16' / 'float16'. The model is cast in place: call this when
     training is done. Sharded runs save what they gather (ZeRO: its bf16 weights; FSDP: fp32).
     """
+    from accelerate import DistributedType
+
     if not sharded:
         dtype = (torch.bfloat16 if accelerator.mixed_precision == "bf16" else None) if dtype == "auto" else \
             getattr(torch, dtype)
@@ -367,8 +369,14 @@ def save_final(accelerator, model, processor, out_dir, *, sharded=False, merge_l
                               "afterwards")
         state_dict = accelerator.get_state_dict(model)  # ZeRO-3: None on all processes but the main one
         if accelerator.is_main_process:
-            accelerator.unwrap_model(model).save_pretrained(out_dir, state_dict=state_dict,
-                                                            safe_serialization=True)
+            unwrapped = accelerator.unwrap_model(model)
+            if accelerator.distributed_type == DistributedType.DEEPSPEED:
+                # Loaded under ZeRO-3 (zero3_init_flag), the model records every legacy renaming of
+                # transformers (5.24) as used, and save_pretrained would undo them all into names no
+                # other loader reads (model.model.layers...); without the record it writes the names
+                # a plain load and save write
+                unwrapped.__dict__.pop("_weight_conversions", None)
+            unwrapped.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
             processor.save_pretrained(out_dir)
     accelerator.wait_for_everyone()
 
