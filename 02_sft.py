@@ -306,7 +306,7 @@ def main(args: Args):
 
     # ---- optimizer, schedule, distribution
     optimizer, scheduler = training.make_optimizer(args, model, total_steps)
-    training.prepare_deepspeed(accelerator, micro, args.grad_clip)
+    training.prepare_deepspeed(accelerator, model, micro, args.grad_clip)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     # ---- resume: weights, optimizer, scheduler, RNG and the data position

@@ -6,6 +6,7 @@ Distribution is accelerate's: one process, DDP, DeepSpeed ZeRO-2/3 or FSDP from 
 CPU tests exercise is the one a cluster uses.
 """
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -219,7 +220,7 @@ def is_sharded(accelerator) -> bool:
 
 def weights_sharded(accelerator) -> bool:
     """ZeRO-3 or FSDP: each process holds only a shard of the weights, so every forward pass is a
-    collective that all processes must join (generation then needs synced_gpus)."""
+    collective that all processes must join (generation: RolloutWeights)."""
     from accelerate import DistributedType
 
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
@@ -227,7 +228,87 @@ def weights_sharded(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
-def prepare_deepspeed(accelerator, micro_batch, grad_clip):
+class RolloutWeights:
+    """The policy one rollout samples from, held by the caller for a `with` block and released at its end:
+
+        with training.RolloutWeights(accelerator, model, gather=True) as weights:
+            rollout.generate(weights.model, ..., synced_gpus=weights.synced_gpus)
+
+    ZeRO-3 or FSDP, where each process holds a shard of the weights:
+      gather=True: on entry every process all-gathers the whole model once, in the dtype it trains in
+        (2 bytes x parameters in bf16), and generates alone on it with no collective per token, so
+        the fast path (rollout.fast_generate) applies; on exit the full copy is freed and the weights
+        are shards again, before the update needs the memory.
+      gather=False: no extra memory; each layer is gathered inside every forward pass, so all
+        processes step together until the longest rollout ends (synced_gpus, HF generate).
+    Anything else (one process, DDP, ZeRO-2): the model as it is.
+    """
+
+    def __init__(self, accelerator, model, gather):
+        self.accelerator, self.wrapped, self.gather = accelerator, model, gather
+        self.model = accelerator.unwrap_model(model)
+        self.synced_gpus = None
+        self._release = contextlib.ExitStack()
+
+    def __enter__(self):
+        from accelerate import DistributedType
+
+        if not weights_sharded(self.accelerator):
+            return self
+        fsdp = self.accelerator.distributed_type == DistributedType.FSDP
+        if fsdp and not self.accelerator.is_fsdp2:  # FSDP1 (not configs/fsdp.yaml): HF generate, in step
+            self.synced_gpus = True
+            return self
+        if fsdp:
+            self._fsdp_lazy_init()
+        if not self.gather:
+            self.synced_gpus = True
+            if fsdp:
+                self._fsdp_gather([self.model])  # the root's own weights: the vision tower's patch embedding
+            return self
+        if fsdp:
+            from torch.distributed.fsdp import FSDPModule
+
+            self._fsdp_gather([m for m in self.model.modules() if isinstance(m, FSDPModule)])
+        else:
+            from deepspeed.runtime.zero import unwrap_model_for_generation
+
+            # DeepSpeed's own: GatheredParameters over every weight, its fetch/release hooks off meanwhile
+            self._release.enter_context(unwrap_model_for_generation(self.wrapped))
+        return self
+
+    def __exit__(self, *exc):
+        return self._release.__exit__(*exc)
+
+    def _fsdp_lazy_init(self):
+        """FSDP sets itself up on the root module's first forward pass; generate can call a submodule
+        first (transformers runs the vision tower from generate, outside the model's forward), which
+        would then pass for the root. A one-token pass through the whole model (all processes) first."""
+        state = self.model._get_fsdp_state()
+        if state._is_root is None:
+            with torch.no_grad():
+                self.model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.accelerator.device))
+
+    def _fsdp_gather(self, modules):
+        """Unshard `modules` and keep them whole through every forward pass until exit, then reshard
+        them and give back each FSDP unit its reshard-after-forward setting (accelerate chooses it per
+        unit; torch 2.13, pinned, has no public getter, hence the param groups' own field)."""
+        groups = [g for m in modules for g in m._get_fsdp_state()._fsdp_param_groups]
+        saved = [(g, g.post_forward_mesh_info) for g in groups]
+
+        def release():
+            for m in modules:
+                m.reshard()
+            for g, info in saved:
+                g.post_forward_mesh_info = info
+
+        self._release.callback(release)
+        for m in modules:
+            m.set_reshard_after_forward(False, recurse=False)
+            m.unshard()
+
+
+def prepare_deepspeed(accelerator, model, micro_batch, grad_clip):
     """DeepSpeed wants its per-GPU micro-batch before `prepare` (which gets no dataloader here), and
     clips gradients with its own config's value: say so when it differs from ours."""
     from accelerate import DistributedType
@@ -236,6 +317,11 @@ def prepare_deepspeed(accelerator, micro_batch, grad_clip):
         return
     config = accelerator.state.deepspeed_plugin.deepspeed_config
     config["train_micro_batch_size_per_gpu"] = micro_batch
+    # ZeRO-3 keeps weights below this many elements whole on every process; DeepSpeed's default
+    # (100,000) would keep every weight of a small model whole. accelerate's rule for "auto" instead:
+    # 10 x hidden size (Qwen2.5-VL-7B: 35,840; either way only norms and biases stay whole there).
+    hidden = policy.unwrap(model).config.get_text_config(decoder=True).hidden_size
+    config.setdefault("zero_optimization", {}).setdefault("stage3_param_persistence_threshold", 10 * hidden)
     clip = config.get("gradient_clipping")
     if clip in (None, "auto"):  # unset: ours (DeepSpeed would not clip; accelerate would fill in 1.0)
         config["gradient_clipping"] = grad_clip
