@@ -367,7 +367,7 @@ def main(args: Args):
 
     # ---- optimizer, schedule, distribution; resume: weights, optimizer, scheduler, RNG, data position
     optimizer, scheduler = training.make_optimizer(args, model, total_steps)
-    training.prepare_deepspeed(accelerator, micro, args.grad_clip)
+    training.prepare_deepspeed(accelerator, model, micro, args.grad_clip)
     model, optimizer = accelerator.prepare(model, optimizer)
     step, extra = training.start_or_resume(accelerator, args, found, scheduler=scheduler)
     if found:

@@ -85,7 +85,8 @@ class Args(training.TrainArgs, dataset.DataArgs):
     """force at least this many new tokens (fixed-length generation for benchmarks)"""
     rollout: str = "fast"
     """'fast': our static-KV-cache decoding loop (rollout.py; compiled on CUDA) where it applies, else HF
-    generate, with the reason printed; 'hf': always HF generate"""
+    generate, with the reason printed; 'hf': always HF generate. ZeRO-3/FSDP: 'fast' gathers the whole
+    model on every GPU for each rollout (bf16: 2 bytes x parameters), 'hf' gathers it layer by layer"""
     mu: int = 1
     """inner iterations (optimizer steps) per rollout batch; with mu = 1 the ratio is exactly 1"""
     clip_eps: float = 0.2
@@ -417,7 +418,7 @@ def main(args: Args):
         alpha=args.alpha, use_length=args.use_length, use_effectiveness=args.use_effectiveness,
         use_accuracy=args.use_accuracy, use_reflection_format=args.use_reflection_format)
     optimizer, scheduler = training.make_optimizer(args, model, args.steps * args.mu)
-    training.prepare_deepspeed(accelerator, args.micro_batch, args.grad_clip)
+    training.prepare_deepspeed(accelerator, model, args.micro_batch, args.grad_clip)
     model, optimizer = accelerator.prepare(model, optimizer)
     os.makedirs(args.out_dir, exist_ok=True)
     metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
@@ -448,16 +449,17 @@ def main(args: Args):
         if step == start:  # before the first rollout: will this recipe fit?
             accelerator.print(training.memory_line(training.memory_estimate(
                 model, accelerator, sequences=P * G, prompt_len=enc["input_ids"].shape[1],
-                new_tokens=args.max_new_tokens, micro_batch=args.micro_batch, checkpointing=args.gradient_checkpointing)))
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.eval()
-        with accelerator.autocast():
-            # Sharded weights (ZeRO-3, FSDP): every process must run the same number of forward passes,
-            # so the ones that finish first keep stepping until all are done (synced_gpus).
-            completion, mask, texts = rollout.generate(
-                unwrapped, processor, group, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                top_p=args.top_p, min_new_tokens=args.min_new_tokens, rollout=args.rollout,
-                synced_gpus=training.weights_sharded(accelerator) or None)
+                new_tokens=args.max_new_tokens, micro_batch=args.micro_batch, checkpointing=args.gradient_checkpointing,
+                gathered_rollout=args.rollout == "fast")))
+        # Sharded weights (ZeRO-3, FSDP): gathered whole for this rollout and freed before the update
+        # (--rollout fast), or layer by layer in every forward pass, all processes in step (--rollout hf).
+        with training.RolloutWeights(accelerator, model, gather=args.rollout == "fast") as rollout_policy:
+            rollout_policy.model.eval()
+            with accelerator.autocast():
+                completion, mask, texts = rollout.generate(
+                    rollout_policy.model, processor, group, max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature, top_p=args.top_p, min_new_tokens=args.min_new_tokens,
+                    rollout=args.rollout, synced_gpus=rollout_policy.synced_gpus)
         t_gen = time.time() - t0
 
         # 2. Rewards (Eqs. 4-8): every response against its OWN prompt's gold answer.

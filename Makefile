@@ -89,7 +89,14 @@ demo-dots: $(VENV)/.installed
 		--models base=$(DOTS)/base@plain,sft=$(DOTS)/sft,srpo=$(DOTS)/srpo,grpo=$(DOTS)/grpo@plain
 	@echo "comparison: $(DOTS_DEMO)/toy-dots-test/comparison.md"
 
-test: $(VENV)/.installed
+# DeepSpeed, for the ZeRO-2/3 tests only (tests/test_sharded.py): not in requirements.txt, since the toy
+# never needs it. DS_BUILD_OPS=0: nothing is compiled at install time (on a CPU the first run compiles
+# one small op, ~1 min, cached).
+$(VENV)/.deepspeed: $(VENV)/.installed
+	DS_BUILD_OPS=0 $(VENV)/bin/pip install --quiet deepspeed==0.19.8
+	touch $@
+
+test: $(VENV)/.installed $(VENV)/.deepspeed
 	$(PY) -m pytest -q tests
 
 clean:

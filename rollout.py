@@ -76,11 +76,13 @@ def fast_path_support(model, synced_gpus=False):
         if kinds != {"LORA"}:
             return False, f"peft {sorted(map(str, kinds))}: only LoRA (its layers are inside the forward)"
     gen = core_model(model)
-    if type(gen).__name__ != "Qwen2_5_VLForConditionalGeneration":
+    # by name along the class's bases: FSDP2 turns the model's class into a subclass of it
+    if "Qwen2_5_VLForConditionalGeneration" not in {c.__name__ for c in type(gen).__mro__}:
         return False, f"{type(gen).__name__}: only Qwen2_5_VLForConditionalGeneration (M-RoPE) is supported"
-    for p in gen.parameters():
-        if hasattr(p, "ds_id") or type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor":
-            return False, "partitioned weights (DeepSpeed ZeRO-3 / FSDP)"
+    for p in gen.parameters():  # ZeRO-3 marks a weight AVAILABLE while it is gathered whole
+        if getattr(getattr(p, "ds_status", None), "name", "AVAILABLE") != "AVAILABLE" or \
+                type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor":
+            return False, "partitioned weights (ZeRO-3 / FSDP; training.RolloutWeights gathers them)"
     devices = set(getattr(gen, "hf_device_map", {}).values())
     if len(devices) > 1:
         return False, f"model spread over several devices {sorted(map(str, devices))}"

@@ -6,6 +6,7 @@ Distribution is accelerate's: one process, DDP, DeepSpeed ZeRO-2/3 or FSDP from 
 CPU tests exercise is the one a cluster uses.
 """
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -93,17 +94,45 @@ def make_accelerator(args, grad_accum=1):
     """bf16 autocast on a GPU (fp16 where bf16 is missing), fp32 on the CPU (several processes: gloo);
     ZeRO/FSDP come from `accelerate launch --config_file configs/*.yaml`."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, parse_flag_from_env
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, parse_flag_from_env
 
     on_gpu = torch.cuda.is_available() and not (args.cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))
     half = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if on_gpu else "no"
+    # an unfrozen vision tower gets no gradient from text-only batches: let DDP allow that
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=not args.freeze_vision)]
+    # accelerate's cpu=True silently turns a DeepSpeed config into plain multi-CPU data parallel;
+    # DeepSpeed itself runs on CPUs when accelerate leaves it the device and gets gloo to talk over
+    deepspeed_on_cpu = not on_gpu and parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
+    if deepspeed_on_cpu:
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
     accelerator = Accelerator(
-        cpu=not on_gpu, mixed_precision=half, gradient_accumulation_steps=grad_accum,
-        # an unfrozen vision tower gets no gradient from text-only batches: let DDP allow that
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=not args.freeze_vision)],
+        cpu=not on_gpu and not deepspeed_on_cpu, mixed_precision=half, gradient_accumulation_steps=grad_accum,
+        kwargs_handlers=handlers,
         log_with=None if args.report_to == "none" else args.report_to, project_dir=args.out_dir)
+    if not on_gpu and parse_flag_from_env("SRPO_TEST_FSDP_ON_CPU") and parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        fsdp_on_cpu_for_tests(accelerator)
     keep_trainable_in_checkpoints(accelerator)
     return accelerator
+
+
+def fsdp_on_cpu_for_tests(accelerator):
+    """TEST-ONLY (SRPO_TEST_FSDP_ON_CPU=1 with an FSDP accelerate config, no GPU): turn the gloo
+    multi-CPU run into a real FSDP one, so that tests/test_sharded.py shards on CPU processes.
+
+    accelerate (1.15, pinned) switches to FSDP only from GPU-like devices and offers no supported way
+    to choose it on a CPU; this sets its internal state as that switch would (the plugin reads the
+    config from the environment accelerate launch set). It relies on accelerate's internals: not for
+    real runs, which get FSDP from accelerate itself on their GPUs.
+    """
+    from accelerate import DistributedType
+    from accelerate.state import PartialState
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    if accelerator.num_processes < 2:
+        return
+    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+    accelerator.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
 def load_trainable_policy(args, accelerator, lora_r, lora_dropout=0.05):
@@ -117,14 +146,17 @@ def load_trainable_policy(args, accelerator, lora_r, lora_dropout=0.05):
         gradient_checkpointing=args.gradient_checkpointing, device=str(accelerator.device))
 
 
+def numel(p):
+    """A parameter's elements, also under ZeRO-3 with zero3_init_flag, where each process holds a
+    partition and p.numel() is 0."""
+    return getattr(p, "ds_numel", p.numel())
+
+
 def describe_trainable(model, args, accelerator, lora_r, log=print):
     """Log what trains (parameters, LoRA or full, dtype, distribution) and return the trainable count;
-    a model with nothing to train is a UserError. ZeRO-3 partitions report size 0: count ds_numel."""
-    def size(p):
-        return getattr(p, "ds_numel", p.numel())
-
-    n_train = sum(size(p) for p in model.parameters() if p.requires_grad)
-    n_all = sum(size(p) for p in model.parameters())
+    a model with nothing to train is a UserError."""
+    n_train = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    n_all = sum(numel(p) for p in model.parameters())
     if not n_train:
         raise cli.UserError(f"{args.model}: nothing to train (a LoRA adapter as --model needs --lora_r > 0)")
     kind = f"LoRA r={lora_r}" if lora_r else "full fine-tuning"
@@ -135,14 +167,15 @@ def describe_trainable(model, args, accelerator, lora_r, log=print):
     return n_train
 
 
-def memory_estimate(model, accelerator, *, sequences, prompt_len, new_tokens, micro_batch, checkpointing):
+def memory_estimate(model, accelerator, *, sequences, prompt_len, new_tokens, micro_batch, checkpointing,
+                    gathered_rollout=False):
     """A rough per-process peak of a training step in GB, by part, printed before the first step so a
     recipe that cannot fit is seen at once. sequences: rows held in one rollout's KV cache (0: no
     rollout); prompt_len + new_tokens: a sequence's length; micro_batch: rows per forward/backward.
 
     weights as loaded (4-bit: as packed) and, per trainable parameter, a gradient and AdamW's two fp32
     states (+ an fp32 master under DeepSpeed), split over the processes where ZeRO/FSDP shards them;
-    the KV cache of a rollout; the logits of one micro-batch (at the new tokens only) and three 64 MB fp32
+    the whole model gathered for a rollout (ZeRO-3/FSDP with --rollout fast); the KV cache of a rollout; the logits of one micro-batch (at the new tokens only) and three 64 MB fp32
     chunks; activations of one micro-batch: ~24 hidden-sized tensors per token and layer kept for the
     backward (Qwen's MLP is 5.3x hidden), or one per layer plus one layer's worth with checkpointing.
     """
@@ -156,8 +189,9 @@ def memory_estimate(model, accelerator, *, sequences, prompt_len, new_tokens, mi
         accelerator.distributed_type == DistributedType.DEEPSPEED else 0
     fsdp = accelerator.distributed_type == DistributedType.FSDP
     params = list(model.parameters())
-    weights = sum(p.numel() * p.element_size() for p in params) / (world if zero == 3 or fsdp else 1)
-    n_train = sum(getattr(p, "ds_numel", p.numel()) for p in params if p.requires_grad)
+    whole = sum(numel(p) * p.element_size() for p in params)
+    weights = whole / (world if zero == 3 or fsdp else 1)
+    n_train = sum(numel(p) for p in params if p.requires_grad)
     optimizer = n_train * (12 + (4 if zero else 0)) / (world if zero >= 2 or fsdp else 1)
     L = prompt_len + new_tokens
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -167,6 +201,8 @@ def memory_estimate(model, accelerator, *, sequences, prompt_len, new_tokens, mi
     activations = per_layer * (text.num_hidden_layers + 24 if checkpointing else 24 * text.num_hidden_layers)
     parts = {"weights": weights, "grads+AdamW": optimizer, "rollout KV cache": kv, "logits": logits,
              "activations": activations}
+    if gathered_rollout and (zero == 3 or fsdp):
+        parts["gathered for the rollout"] = whole
     return {k: v / 1e9 for k, v in parts.items()}
 
 
@@ -243,7 +279,7 @@ def is_sharded(accelerator) -> bool:
 
 def weights_sharded(accelerator) -> bool:
     """ZeRO-3 or FSDP: each process holds only a shard of the weights, so every forward pass is a
-    collective that all processes must join (generation then needs synced_gpus)."""
+    collective that all processes must join (generation: RolloutWeights)."""
     from accelerate import DistributedType
 
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
@@ -251,7 +287,87 @@ def weights_sharded(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
-def prepare_deepspeed(accelerator, micro_batch, grad_clip):
+class RolloutWeights:
+    """The policy one rollout samples from, held by the caller for a `with` block and released at its end:
+
+        with training.RolloutWeights(accelerator, model, gather=True) as weights:
+            rollout.generate(weights.model, ..., synced_gpus=weights.synced_gpus)
+
+    ZeRO-3 or FSDP, where each process holds a shard of the weights:
+      gather=True: on entry every process all-gathers the whole model once, in the dtype it trains in
+        (2 bytes x parameters in bf16), and generates alone on it with no collective per token, so
+        the fast path (rollout.fast_generate) applies; on exit the full copy is freed and the weights
+        are shards again, before the update needs the memory.
+      gather=False: no extra memory; each layer is gathered inside every forward pass, so all
+        processes step together until the longest rollout ends (synced_gpus, HF generate).
+    Anything else (one process, DDP, ZeRO-2): the model as it is.
+    """
+
+    def __init__(self, accelerator, model, gather):
+        self.accelerator, self.wrapped, self.gather = accelerator, model, gather
+        self.model = accelerator.unwrap_model(model)
+        self.synced_gpus = None
+        self._release = contextlib.ExitStack()
+
+    def __enter__(self):
+        from accelerate import DistributedType
+
+        if not weights_sharded(self.accelerator):
+            return self
+        fsdp = self.accelerator.distributed_type == DistributedType.FSDP
+        if fsdp and not self.accelerator.is_fsdp2:  # FSDP1 (not configs/fsdp.yaml): HF generate, in step
+            self.synced_gpus = True
+            return self
+        if fsdp:
+            self._fsdp_lazy_init()
+        if not self.gather:
+            self.synced_gpus = True
+            if fsdp:
+                self._fsdp_gather([self.model])  # the root's own weights: the vision tower's patch embedding
+            return self
+        if fsdp:
+            from torch.distributed.fsdp import FSDPModule
+
+            self._fsdp_gather([m for m in self.model.modules() if isinstance(m, FSDPModule)])
+        else:
+            from deepspeed.runtime.zero import unwrap_model_for_generation
+
+            # DeepSpeed's own: GatheredParameters over every weight, its fetch/release hooks off meanwhile
+            self._release.enter_context(unwrap_model_for_generation(self.wrapped))
+        return self
+
+    def __exit__(self, *exc):
+        return self._release.__exit__(*exc)
+
+    def _fsdp_lazy_init(self):
+        """FSDP sets itself up on the root module's first forward pass; generate can call a submodule
+        first (transformers runs the vision tower from generate, outside the model's forward), which
+        would then pass for the root. A one-token pass through the whole model (all processes) first."""
+        state = self.model._get_fsdp_state()
+        if state._is_root is None:
+            with torch.no_grad():
+                self.model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.accelerator.device))
+
+    def _fsdp_gather(self, modules):
+        """Unshard `modules` and keep them whole through every forward pass until exit, then reshard
+        them and give back each FSDP unit its reshard-after-forward setting (accelerate chooses it per
+        unit; torch 2.13, pinned, has no public getter, hence the param groups' own field)."""
+        groups = [g for m in modules for g in m._get_fsdp_state()._fsdp_param_groups]
+        saved = [(g, g.post_forward_mesh_info) for g in groups]
+
+        def release():
+            for m in modules:
+                m.reshard()
+            for g, info in saved:
+                g.post_forward_mesh_info = info
+
+        self._release.callback(release)
+        for m in modules:
+            m.set_reshard_after_forward(False, recurse=False)
+            m.unshard()
+
+
+def prepare_deepspeed(accelerator, model, micro_batch, grad_clip):
     """DeepSpeed wants its per-GPU micro-batch before `prepare` (which gets no dataloader here), and
     clips gradients with its own config's value: say so when it differs from ours."""
     from accelerate import DistributedType
@@ -260,6 +376,11 @@ def prepare_deepspeed(accelerator, micro_batch, grad_clip):
         return
     config = accelerator.state.deepspeed_plugin.deepspeed_config
     config["train_micro_batch_size_per_gpu"] = micro_batch
+    # ZeRO-3 keeps weights below this many elements whole on every process; DeepSpeed's default
+    # (100,000) would keep every weight of a small model whole. accelerate's rule for "auto" instead:
+    # 10 x hidden size (Qwen2.5-VL-7B: 35,840; either way only norms and biases stay whole there).
+    hidden = policy.unwrap(model).config.get_text_config(decoder=True).hidden_size
+    config.setdefault("zero_optimization", {}).setdefault("stage3_param_persistence_threshold", 10 * hidden)
     clip = config.get("gradient_clipping")
     if clip in (None, "auto"):  # unset: ours (DeepSpeed would not clip; accelerate would fill in 1.0)
         config["gradient_clipping"] = grad_clip
@@ -286,6 +407,7 @@ def save_checkpoint(accelerator, path, *, scheduler, step, extra=None):
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()  # every process has written its files (its RNG state, its shard)
     if accelerator.is_main_process:
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump({"step": step, "scheduler": scheduler.state_dict(), "extra": extra or {}}, f)
@@ -376,6 +498,8 @@ def save_final(accelerator, model, processor, out_dir, *, sharded=False, merge_l
     as trained; or 'float32' / 'bfloat16' / 'float16'. The model is cast in place: call this when
     training is done. Sharded runs save what they gather (ZeRO: its bf16 weights; FSDP: fp32).
     """
+    from accelerate import DistributedType
+
     if not sharded:
         dtype = (torch.bfloat16 if accelerator.mixed_precision == "bf16" else None) if dtype == "auto" else \
             getattr(torch, dtype)
@@ -390,8 +514,14 @@ def save_final(accelerator, model, processor, out_dir, *, sharded=False, merge_l
                               "afterwards")
         state_dict = accelerator.get_state_dict(model)  # ZeRO-3: None on all processes but the main one
         if accelerator.is_main_process:
-            accelerator.unwrap_model(model).save_pretrained(out_dir, state_dict=state_dict,
-                                                            safe_serialization=True)
+            unwrapped = accelerator.unwrap_model(model)
+            if accelerator.distributed_type == DistributedType.DEEPSPEED:
+                # Loaded under ZeRO-3 (zero3_init_flag), the model records every legacy renaming of
+                # transformers (5.24) as used, and save_pretrained would undo them all into names no
+                # other loader reads (model.model.layers...); without the record it writes the names
+                # a plain load and save write
+                unwrapped.__dict__.pop("_weight_conversions", None)
+            unwrapped.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
             processor.save_pretrained(out_dir)
     accelerator.wait_for_everyone()
 

@@ -7,6 +7,7 @@ distribution), and where the fast path declines.
 
 import os
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -264,10 +265,12 @@ def test_fast_path_support_declines_with_a_reason(base):
         text._attn_implementation = "sdpa"
 
     p = next(model.parameters())
-    p.ds_id = 0  # how DeepSpeed ZeRO-3 marks a partitioned parameter
+    p.ds_status = SimpleNamespace(name="NOT_AVAILABLE")  # how DeepSpeed ZeRO-3 marks a parameter not gathered
     try:
         ok, why = rollout.fast_path_support(model)
         assert not ok and "partitioned" in why
+        p.ds_status = SimpleNamespace(name="AVAILABLE")  # gathered (tests/test_sharded.py: the real thing)
+        assert rollout.fast_path_support(model)[0]
     finally:
-        del p.ds_id
+        del p.ds_status
     assert rollout.fast_path_support(model)[0]
