@@ -20,7 +20,7 @@ Two-step task (`--data toy`, the default): the base model learns three things, i
   downloading Qwen2.5-VL-7B-Instruct would be the real-scale step).
 Dots task (`--data toy-dots`, the contrast): plain chain of thought on the dot charts, 400 steps.
 
-    python 00_base_model.py                      # -> models/toy_base, ~9 minutes on 2 CPU cores
+    python 00_base_model.py                      # -> models/toy_base, ~7 minutes on 2 CPU cores
     python 00_base_model.py --data toy-dots      # -> runs/toy-dots/base, ~3.5 minutes
 
 Writes the model, tokenizer and processor (safetensors + configs, loadable with

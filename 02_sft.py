@@ -98,7 +98,7 @@ class Args(training.TrainArgs):
     """optimizer steps; 0 = epochs x steps per epoch. Sets the schedule's length"""
     batch_size: int = 16
     """effective batch: examples per optimizer step over all processes (paper: 8 GPUs x 1 x 2 = 16;
-    toy: 3 epochs of 600 rows are 111 steps)"""
+    toy: 3 epochs of 1,200 rows are 225 steps)"""
     grad_accum: int = 1
     """micro-batches per process per optimizer step (paper: 2)"""
     lr: float = 2e-3

@@ -312,10 +312,11 @@ def oracle_reflection(problem: dict, policy_cot: str, policy_correct: bool) -> s
     """
     sol = json.loads(problem["solution"])
     if sol["op"] in FAMILIES:
-        steps = check_steps(sol["op"], sol["reads"][0][1], sol["m"], sol["c"])
+        (colour, n), = sol["reads"]
+        steps = check_steps(sol["op"], n, sol["m"], sol["c"])
         written = _RESULT_RE.findall((policy_cot or "").split("</think>")[0])  # the first attempt's result
         verdict = "right" if written and int(written[-1]) == steps[-1][-1] else "wrong"
-        return f"Check: {sol['reads'][0][0]}: {sol['reads'][0][1]}. {_steps_text(steps)} The first answer is {verdict}."
+        return f"Check: {colour}: {n}. {_steps_text(steps)} The first answer is {verdict}."
     truth = [tuple(r) for r in sol["reads"]]
     seen = dict((c, int(v)) for c, v in _READ_RE.findall(policy_cot or ""))
     fix = solution_text(truth, sol["op"])
