@@ -219,7 +219,7 @@ def target_ce_sum(model, batch):
     keep[:, :-1] = labels[:, 1:] != -100  # position t predicts token t + 1; masked tokens (-100) are not kept
     logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (kept positions, V)
     targets = labels[:, 1:][keep[:, :-1]]
-    ce = -training.selective_log_softmax(logits, targets).sum()  # Eq. (1)
+    ce = -policy.selective_log_softmax(logits, targets).sum()  # Eq. (1)
     return ce, len(targets)
 
 

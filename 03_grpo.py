@@ -198,7 +198,7 @@ def one_pass_logprobs(model, prompts, comp, temperature, vision_start_id):
             "mm_token_type_ids": torch.cat([prompts["mm_token_type_ids"], torch.zeros_like(comp)], 1)}
     keep = torch.arange(Lp - 1, Lp + T - 1, device=comp.device)  # position t predicts token t + 1
     logits = model(**full, use_cache=False, logits_to_keep=keep).logits  # (b, T, V)
-    return training.selective_log_softmax(logits, comp, temperature)
+    return policy.selective_log_softmax(logits, comp, temperature)
 
 
 def prompt_shared_logprobs(model, prompts, comp, temperature, vision_start_id):
@@ -208,7 +208,7 @@ def prompt_shared_logprobs(model, prompts, comp, temperature, vision_start_id):
     distinct = dataset.select_rows(prompts, first, vision_start_id)
     positions = rollout.mrope_positions(rollout.core_model(model), distinct)  # (4, P, Lp)
     out = model(**distinct, position_ids=positions, use_cache=True, logits_to_keep=1)
-    logp = [training.selective_log_softmax(out.logits[inverse], comp[:, :1], temperature)]  # (b, 1)
+    logp = [policy.selective_log_softmax(out.logits[inverse], comp[:, :1], temperature)]  # (b, 1)
     if comp.shape[1] > 1:
         for layer in out.cache.layers:  # (P, heads, Lp, d) -> (b, heads, Lp, d)
             layer.keys, layer.values = layer.keys[inverse], layer.values[inverse]
@@ -216,7 +216,7 @@ def prompt_shared_logprobs(model, prompts, comp, temperature, vision_start_id):
         logits = model(input_ids=comp[:, :-1], position_ids=positions[..., -1:][:, inverse] + steps,
                        attention_mask=torch.cat([prompts["attention_mask"], torch.ones_like(comp[:, :-1])], 1),
                        cache=out.cache, use_cache=True).logits  # (b, T - 1, V)
-        logp.append(training.selective_log_softmax(logits, comp[:, 1:], temperature))
+        logp.append(policy.selective_log_softmax(logits, comp[:, 1:], temperature))
     return torch.cat(logp, 1)
 
 

@@ -1,4 +1,5 @@
-"""The policy model: loading, saving and where a LoRA adapter's base is.
+"""The policy model: loading, saving, where a LoRA adapter's base is, and the log-probabilities of
+the tokens it is trained on (selective_log_softmax, used by 02's and 03's losses).
 
 One loading path serves the toy model and the real Qwen2.5-VL-7B/32B alike: a local directory or a
 hub id, a dtype, optional 4-bit (bitsandbytes nf4) and LoRA (peft), and a frozen vision tower (the
@@ -138,3 +139,55 @@ def resolve_model(path):
         with open(cfg) as f:
             return json.load(f)["base_model_name_or_path"], str(path)
     return str(path), None
+
+
+# ----------------------------------------------------------------------------------------------
+# Log-probabilities of chosen tokens without a second copy of the logits
+
+
+class SelectiveLogSoftmax(torch.autograd.Function):
+    """log softmax(logits / T)[token] for every row of (N, V) logits, holding the logits only once.
+
+    A plain `log_softmax(logits.float() / T).gather(...)` makes fp32 copies of the whole (N, V) tensor
+    and keeps one for the backward: at 7B (vocabulary 152,064) and 2,048 tokens that is 1.2 GB per
+    sequence per copy. Here the forward runs over chunks of rows, each upcast to fp32 on its own, and
+    keeps only the logsumexp (N,); the backward writes the gradient, (onehot - softmax) / T, into the
+    logits' own memory, which nothing reads after this function.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, tokens, temperature, chunk):
+        picked = torch.empty(len(logits), device=logits.device, dtype=torch.float32)
+        lse = torch.empty_like(picked)
+        for s in range(0, len(logits), chunk):
+            x = logits[s:s + chunk].float() / temperature  # (chunk, V) in fp32
+            lse[s:s + chunk] = torch.logsumexp(x, -1)
+            picked[s:s + chunk] = x.gather(-1, tokens[s:s + chunk, None]).squeeze(-1)
+        ctx.save_for_backward(logits, tokens, lse)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return picked - lse
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, tokens, lse = ctx.saved_tensors
+        T, chunk = ctx.temperature, ctx.chunk
+        for s in range(0, len(logits), chunk):
+            g = grad[s:s + chunk, None].float() / T  # (chunk, 1)
+            p = torch.exp(logits[s:s + chunk].float() / T - lse[s:s + chunk, None])  # softmax(logits / T)
+            d = (-p * g).scatter_add_(-1, tokens[s:s + chunk, None], g)  # d logp / d logits, times grad
+            logits[s:s + chunk] = d.to(logits.dtype)  # in place: the logits are not needed any more
+        return logits, None, None, None
+
+
+def selective_log_softmax(logits, tokens, temperature=1.0, chunk_bytes=2 ** 26):
+    """log softmax(logits / T) at `tokens`, in fp32: (..., V), (...) -> (...). The logits must not be used
+    by anything else afterwards (the backward overwrites them with their gradient).
+
+    Example: selective_log_softmax(torch.tensor([[0., 0.]]), torch.tensor([1])) == tensor([-0.6931])
+    """
+    V = logits.shape[-1]
+    if logits.is_leaf and logits.requires_grad:  # a leaf's own values must survive the backward
+        logits = logits.clone()
+    chunk = max(1, chunk_bytes // (4 * V))  # rows per fp32 chunk (64 MB)
+    out = SelectiveLogSoftmax.apply(logits.reshape(-1, V), tokens.reshape(-1), float(temperature), chunk)
+    return out.view(tokens.shape)
