@@ -128,6 +128,10 @@ class Args(dataset.DataArgs):
     """hf: reflection length cap"""
     write_cot: bool = True
     """also write sft_cot.jsonl, the plain chain-of-thought SFT set"""
+    direct_rows: int = 0
+    """also put this many rows WITHOUT a reflection into sft_reflect.jsonl: the policy's own right answers to
+    pool problems not selected, verbatim (it answers once and stops). 0 = the paper's set, where every row
+    reflects; > 0 teaches the habit on part of the answers only, for RL to spread (Tsilivis et al. 2025)"""
 
 
 # A number, or a capital option letter: the paper keeps only answers that are a letter A-D or a number.
@@ -287,6 +291,14 @@ def select(answers, n, correct_fraction, seed, fill_from_other=True):
     rng = random.Random(seed)
     chosen = rng.sample(right, n_right) + rng.sample(wrong, n_wrong)
     return sorted(chosen, key=lambda a: a["row"]), note
+
+
+def select_direct(answers, chosen, n, seed):
+    """--direct_rows: n of the policy's right, well-formed answers to problems outside `chosen` (ids),
+    deterministic given `seed`, in pool order. Fewer when the pool has fewer."""
+    right = [a for a in sorted(answers, key=lambda a: a["row"])
+             if a["correct"] and a["well_formed"] and a["id"] not in chosen]
+    return sorted(random.Random(seed + 1).sample(right, min(n, len(right))), key=lambda a: a["row"])
 
 
 def save_image(ds, args, base_dir, row, path):
@@ -494,6 +506,14 @@ def main(args: Args):
                 bar.write(scrub(f"teacher failed on {item['id']}: {error}"))
             bar.update()
 
+    # 4b. --direct_rows: the policy's own right answers to other pool problems, with no reflection.
+    direct = select_direct(answers, chosen, args.direct_rows, args.seed)
+    done = {r["id"] for r in dataset.read_jsonl(paths["sft_reflect"])}
+    for a in direct:
+        if a["id"] not in done:
+            save_image(ds, args, base_dir, a["row"], os.path.join(out, "images", f"{a['id']}.png"))
+            dataset.append_jsonl(paths["sft_reflect"], sft_row(a, a["response"].strip(), "reflect", True))
+
     # 5. The plain-CoT SFT set for the ablation (rewritten whole each run: it needs no teacher), and on
     # the two-step toy task the scratchpad set: the same problems, the check procedure as the first attempt.
     scratchpad = [sft_row(a, toy.cot_response(a, stepwise=True), "plain", True) for a in selected
@@ -518,7 +538,7 @@ def main(args: Args):
         "incorrect": len(answers) - n_right, "malformed": sum(not a["well_formed"] for a in answers),
         "selected": len(selected), "selected_correct": sum(a["correct"] for a in selected),
         "selected_incorrect": sum(not a["correct"] for a in selected), "mix_note": note,
-        "reflections": len(written), "teacher_failures": len(chosen - written), "cot": len(cot),
+        "reflections": len(written), "teacher_failures": len(chosen - written), "direct": len(direct), "cot": len(cot),
         "scratchpad": len(scratchpad),
         "teacher": args.teacher, "seconds": round(time.time() - t0, 1), "args": asdict(args)}
     with open(os.path.join(out, "stats.json"), "w") as f:

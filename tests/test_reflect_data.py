@@ -266,6 +266,29 @@ def test_oracle_end_to_end(reference, base_model_dir, capsys):
     assert "selected" in capsys.readouterr().out
 
 
+def test_direct_rows_are_right_answers_without_reflection(reference, tmp_path):
+    """--direct_rows: the policy's own right answers to problems outside the selection, verbatim, under
+    the reflective prompt; the reflective rows stay the paper's."""
+    ref_out, _ = reference
+    out = tmp_path / "direct"
+    copy_answers(ref_out, out)
+    # the small base model is right too rarely: count every other answer as right (only the labels matter)
+    answers = [{**a, "correct": i % 2 == 0} for i, a in enumerate(dataset.read_jsonl(out / "answers.jsonl"))]
+    rd.write_jsonl_atomic(str(out / "answers.jsonl"), answers)
+    stats = run_main(small_args("/nonexistent/model", out, direct_rows=10))  # answers there: no model needed
+    rows = dataset.read_jsonl(out / "sft_reflect.jsonl")
+    reflective = [r for r in rows if "<reflection>" in r["response"]]
+    direct = [r for r in rows if "<reflection>" not in r["response"]]
+    answers = {a["id"]: a for a in answers}
+    assert stats["direct"] == len(direct) == 10 and len(reflective) == stats["selected"] == 24
+    assert not {r["id"] for r in direct} & {r["id"] for r in reflective}
+    for r in direct:
+        assert answers[r["id"]]["correct"] and r["response"] == answers[r["id"]]["response"].strip()
+        assert r["prompt_style"] == "reflect" and os.path.isfile(out / r["image"])
+    run_main(small_args("/nonexistent/model", out, direct_rows=10))  # a rerun adds nothing
+    assert len(dataset.read_jsonl(out / "sft_reflect.jsonl")) == len(rows)
+
+
 def test_openai_end_to_end_counts_failures_and_never_leaks_key(reference, server, tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "openai")
     copy_answers(reference[0], out)
