@@ -167,42 +167,49 @@ def describe_trainable(model, args, accelerator, lora_r, log=print):
     return n_train
 
 
-def memory_estimate(model, accelerator, *, sequences, prompt_len, new_tokens, micro_batch, checkpointing,
-                    gathered_rollout=False):
-    """A rough per-process peak of a training step in GB, by part, printed before the first step so a
-    recipe that cannot fit is seen at once. sequences: rows held in one rollout's KV cache (0: no
-    rollout); prompt_len + new_tokens: a sequence's length; micro_batch: rows per forward/backward.
-
-    weights as loaded (4-bit: as packed) and, per trainable parameter, a gradient and AdamW's two fp32
-    states (+ an fp32 master under DeepSpeed), split over the processes where ZeRO/FSDP shards them;
-    the whole model gathered for a rollout (ZeRO-3/FSDP with --rollout fast); the KV cache of a rollout; the logits of one micro-batch (at the new tokens only) and three 64 MB fp32
-    chunks; activations of one micro-batch: ~24 hidden-sized tensors per token and layer kept for the
-    backward (Qwen's MLP is 5.3x hidden), or one per layer plus one layer's worth with checkpointing.
-    """
+def memory_estimate(model, accelerator, **shape):
+    """memory_parts for this model and accelerator (its precision, processes, ZeRO stage or FSDP), printed
+    before the first step so a recipe that cannot fit is seen at once. `shape`: see memory_parts."""
     from accelerate import DistributedType
 
     model = accelerator.unwrap_model(model)
-    text = model.config.get_text_config(decoder=True)
-    act = 2 if accelerator.mixed_precision in ("bf16", "fp16") else 4  # bytes per activation
-    world = accelerator.num_processes
-    zero = accelerator.state.deepspeed_plugin.zero_stage if \
-        accelerator.distributed_type == DistributedType.DEEPSPEED else 0
-    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     params = list(model.parameters())
-    whole = sum(numel(p) * p.element_size() for p in params)
-    weights = whole / (world if zero == 3 or fsdp else 1)
-    n_train = sum(numel(p) for p in params if p.requires_grad)
-    optimizer = n_train * (12 + (4 if zero else 0)) / (world if zero >= 2 or fsdp else 1)
+    return memory_parts(
+        model.config.get_text_config(decoder=True), weight_bytes=sum(numel(p) * p.element_size() for p in params),
+        n_train=sum(numel(p) for p in params if p.requires_grad),
+        act_bytes=2 if accelerator.mixed_precision in ("bf16", "fp16") else 4, world=accelerator.num_processes,
+        zero=accelerator.state.deepspeed_plugin.zero_stage if deepspeed else 0,
+        fsdp=accelerator.distributed_type == DistributedType.FSDP, **shape)
+
+
+def memory_parts(text, *, weight_bytes, n_train, act_bytes, world, zero, fsdp, sequences, prompt_len, new_tokens,
+                 micro_batch, checkpointing, gathered_rollout=False):
+    """A rough per-process peak of a training step in GB, by part. text: the text model's config;
+    weight_bytes: all weights as loaded (4-bit: as packed); n_train: trainable parameters; sequences: rows in
+    one rollout's KV cache (0: no rollout); prompt_len + new_tokens: a sequence; micro_batch: rows per
+    forward/backward.
+
+    Weights, and per trainable parameter a gradient and AdamW's two fp32 states (+ an fp32 master under
+    DeepSpeed), split over the processes where ZeRO/FSDP shard them; the whole model gathered for a
+    rollout (ZeRO-3/FSDP with --rollout fast); the rollout's KV cache; the logits of one micro-batch (at
+    the new tokens only) and three 64 MB fp32 chunks; the activations one micro-batch keeps for the
+    backward: ~24 hidden-sized tensors per token and layer (Qwen's MLP is 5.3x hidden), or with
+    checkpointing one per layer plus one layer's worth.
+    """
+    sharded_weights = zero == 3 or fsdp
     L = prompt_len + new_tokens
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    kv = sequences * L * text.num_hidden_layers * 2 * text.num_key_value_heads * head_dim * act
-    logits = micro_batch * new_tokens * text.vocab_size * act + 3 * 2 ** 26
-    per_layer = micro_batch * L * text.hidden_size * act
-    activations = per_layer * (text.num_hidden_layers + 24 if checkpointing else 24 * text.num_hidden_layers)
-    parts = {"weights": weights, "grads+AdamW": optimizer, "rollout KV cache": kv, "logits": logits,
-             "activations": activations}
-    if gathered_rollout and (zero == 3 or fsdp):
-        parts["gathered for the rollout"] = whole
+    per_layer = micro_batch * L * text.hidden_size * act_bytes
+    parts = {
+        "weights": weight_bytes / (world if sharded_weights else 1),
+        "grads+AdamW": n_train * (12 + (4 if zero else 0)) / (world if zero >= 2 or fsdp else 1),
+        "rollout KV cache": sequences * L * text.num_hidden_layers * 2 * text.num_key_value_heads * head_dim * act_bytes,
+        "logits": micro_batch * new_tokens * text.vocab_size * act_bytes + 3 * 2 ** 26,
+        "activations": per_layer * (text.num_hidden_layers + 24 if checkpointing else 24 * text.num_hidden_layers),
+    }
+    if gathered_rollout and sharded_weights:
+        parts["gathered for the rollout"] = weight_bytes
     return {k: v / 1e9 for k, v in parts.items()}
 
 
