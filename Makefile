@@ -1,7 +1,8 @@
 # `make demo`: set up and run the toy pipeline (01 -> 02 -> 03 -> 04 -> report) from the shipped base
 # model; `make test`: the test suite (what CI runs); `make base`: rebuild the shipped base model (00);
-# `make demo-dots`: the contrast, the dots task, from its own base model; `make seeds`: the demo on
-# seeds 0, 1 and 2, and the table across them.
+# `make demo-dots`: the contrast, the dots task, from its own base model; `make seeds`: the demo and the
+# headroom gauge on seeds 0, 1 and 2, and the tables across them; `make ablations`: the paper's ablation
+# rows (and four of ours) on one seed.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -21,7 +22,7 @@ RL_ARGS ?=
 side_by_side = $(2) > $(1) 2>&1 & $(3); fg=$$?; wait $$!; bg=$$?; \
 	[ $$bg -eq 0 ] || tail -n 20 $(1); [ $$fg -eq 0 ] && [ $$bg -eq 0 ]
 
-.PHONY: demo demo-dots base seeds test clean
+.PHONY: demo demo-dots base seeds ablations test clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -64,11 +65,44 @@ demo: $(VENV)/.installed
 base: $(VENV)/.installed
 	OMP_NUM_THREADS=$(THREADS) $(PY) 00_base_model.py --out_dir $(BASE)
 
-# The demo on three seeds (each changes every stage's seed and draws a different test set), then
-# the table across them with paired 95% intervals.
+# The demo on three seeds (each changes every stage's seed and draws a different test set), each with the
+# headroom gauge (16 samples per test problem) of the base, reflection-SFT and SRPO models, then the tables
+# across them with paired 95% intervals. About 20 minutes a seed on 2 cores.
 seeds: $(VENV)/.installed
-	for s in 0 1 2; do $(MAKE) demo SEED=$$s OUT=runs/toy-seed$$s DEMO=runs/demo-seed$$s || exit 1; done
+	for s in 0 1 2; do $(MAKE) demo SEED=$$s OUT=runs/toy-seed$$s DEMO=runs/demo-seed$$s && \
+		OMP_NUM_THREADS=$(THREADS) $(PY) 04_eval.py --benchmark toy --seed $$s --out_dir runs/gauge-seed$$s --samples 16 \
+			--models base=$(BASE)@plain,sft=runs/toy-seed$$s/sft,srpo=runs/toy-seed$$s/srpo || exit 1; done
 	$(PY) report.py --seeds runs/demo-seed0,runs/demo-seed1,runs/demo-seed2
+	$(PY) report.py --seeds runs/gauge-seed0,runs/gauge-seed1,runs/gauge-seed2 --pairs srpo-sft,sft-base
+
+# The paper's 7B ablation rows on the toy, from the same base model and data, one seed, two runs at a time
+# (about 35 minutes on 2 cores): SRPO; without reflection SFT (SRPO's RL from the base); without reflection
+# RL (SFT alone); without f_len; without I_eff; plain-CoT SFT + GRPO; plain GRPO from the base; and ours:
+# without I_ref, without R_accuracy, the authors' released reward, and reflection SFT + RL on the final
+# answer alone. The table beside the paper's figures: $(ABL)/eval/ablations.md (and the demo's report).
+ABL ?= runs/ablations
+RL = $(PY) 03_grpo.py --seed $(SEED) $(RL_ARGS)
+ablations: $(VENV)/.installed
+	rm -rf $(ABL)
+	OMP_NUM_THREADS=$(THREADS) $(PY) 01_reflect_data.py --model $(BASE) --seed $(SEED) --out_dir $(ABL)/reflect
+	$(call side_by_side,$(ABL)/sft_cot.log,\
+		$(PY) 02_sft.py --model $(BASE) --data $(ABL)/reflect/sft_cot.jsonl --out_dir $(ABL)/sft_cot --seed $(SEED) $(SFT_ARGS),\
+		$(PY) 02_sft.py --model $(BASE) --data $(ABL)/reflect/sft_reflect.jsonl --out_dir $(ABL)/sft --seed $(SEED) $(SFT_ARGS))
+	@echo "the ablation runs, two at a time; the second lane's log: $(ABL)/lane2.log"
+	$(call side_by_side,$(ABL)/lane2.log,\
+		( $(RL) --model $(BASE) --out_dir $(ABL)/no_sft && \
+		  $(RL) --model $(ABL)/sft --out_dir $(ABL)/no_ieff --no-use_effectiveness && \
+		  $(RL) --model $(ABL)/sft --out_dir $(ABL)/no_acc --no-use_accuracy && \
+		  $(RL) --model $(ABL)/sft --out_dir $(ABL)/sft_grpo --reward grpo --system_prompt reflect && \
+		  $(RL) --model $(BASE) --out_dir $(ABL)/base_grpo --reward grpo ),\
+		$(RL) --model $(ABL)/sft --out_dir $(ABL)/srpo && \
+		$(RL) --model $(ABL)/sft --out_dir $(ABL)/no_flen --no-use_length && \
+		$(RL) --model $(ABL)/sft --out_dir $(ABL)/no_iref --no-use_reflection_format && \
+		$(RL) --model $(ABL)/sft --out_dir $(ABL)/released --reward released && \
+		$(RL) --model $(ABL)/sft_cot --out_dir $(ABL)/grpo --reward grpo)
+	OMP_NUM_THREADS=$(THREADS) $(PY) 04_eval.py --benchmark toy --seed $(SEED) --out_dir $(ABL)/eval --models \
+		base=$(BASE)@plain,sft=$(ABL)/sft,srpo=$(ABL)/srpo,no_sft=$(ABL)/no_sft,no_flen=$(ABL)/no_flen,no_ieff=$(ABL)/no_ieff,no_iref=$(ABL)/no_iref,no_acc=$(ABL)/no_acc,released=$(ABL)/released,sft_grpo=$(ABL)/sft_grpo,grpo=$(ABL)/grpo@plain,base_grpo=$(ABL)/base_grpo@plain
+	$(PY) report.py --ablations $(ABL)/eval
 
 # The contrast: the dots task, where a second look at the image is the same glance as the first, with
 # the settings its README figures were measured with (600 SFT rows; RL 40 steps of 8 prompts at lr 1e-4).

@@ -2,6 +2,7 @@
 
     python report.py                      # runs/demo/report.html from runs/demo and runs/toy
     python report.py --seeds runs/demo-seed0,runs/demo-seed1,runs/demo-seed2   # the table across seeds
+    python report.py --ablations runs/ablations/eval   # the paper's ablation table beside ours (make ablations)
 
 What it shows, all read from files the stages wrote:
   1. the comparison table of 04_eval.py (comparison.json) with the paired differences, and its chart;
@@ -12,6 +13,7 @@ What it shows, all read from files the stages wrote:
 """
 
 import base64
+import dataclasses
 import html
 import io
 import json
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 
 import cli
 import dataset
+import evaluation
 import policy
 import rewards
 import toy
@@ -65,6 +68,11 @@ class Args:
     and written to seeds.md beside the first)"""
     pairs: str = "sft-base,srpo-sft,srpo-grpo,srpo-scratchpad"
     """--seeds: the paired differences to show, a-b"""
+    ablations: str = ""
+    """instead of the page: 04_eval.py's --out_dir of `make ablations` -> the ablation table (printed, and
+    written to ablations.md there)"""
+    ablations_dir: str = "runs/ablations/eval"
+    """the page shows this `make ablations` table too, when it has been made"""
 
 
 KINDS = (("wrong-to-right", "wrong → right: the reflection fixed the first answer", False, True),
@@ -139,6 +147,27 @@ def comparison_table(comparison):
     return out
 
 
+def markdown_table_html(markdown, table_id):
+    """A Markdown table (the first block of |-lines) as an HTML table; ** marks bold."""
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in markdown.splitlines()
+            if line.startswith("|") and not set(line) <= set("|-: ")]
+    cell = lambda tag, c: f"<{tag}>{html.escape(c).replace('**', '')}</{tag}>"  # noqa: E731
+    body = [f"<tr>{''.join(cell('th', c) for c in rows[0])}</tr>"]
+    body += [f"<tr>{''.join(cell('td', c) for c in r)}</tr>" for r in rows[1:]]
+    return f"<table id=\"{table_id}\">{''.join(body)}</table>"
+
+
+def headroom_html(comparison):
+    """The gauge (04_eval.py --samples k) of every model that has one, or ''."""
+    gauges = {name: c["headroom"] for name, c in comparison.items() if c.get("headroom")}
+    if not gauges:
+        return ""
+    return ("<h2>Headroom</h2><p>What RL can gain: each test problem answered greedily and sampled k times at "
+            "T = 1. Reachable: greedy wrong, at least 1/4 of the samples right; fragile: greedy right, fewer "
+            "than half right; band: 1/4 to 3/4 right (% of problems).</p>"
+            + markdown_table_html(evaluation.headroom_markdown(gauges), "headroom"))
+
+
 def example_html(row, count_tokens):
     """One response with its image, gold answer and every reward component of the paper's reward."""
     problem = toy.problem_from_id(row["id"])
@@ -163,6 +192,11 @@ def write_report(args: Args):
     chart = os.path.join(bench_dir, "comparison.png")
     if os.path.exists(chart):
         body.append(f"<img id=\"chart\" alt=\"final accuracy per family\" src=\"{png_data_uri(chart)}\">")
+    body.append(headroom_html(comparison))
+    if os.path.exists(os.path.join(args.ablations_dir, args.benchmark, "comparison.json")):
+        table = ablations_table(dataclasses.replace(args, ablations=args.ablations_dir))
+        body += ["<h2>The paper's ablations on the toy (<code>make ablations</code>)</h2>",
+                 markdown_table_html(table, "ablations")]
     runs = {}
     if os.path.isdir(args.runs_dir):
         for name in sorted(os.listdir(args.runs_dir)):
@@ -194,6 +228,52 @@ def write_report(args: Args):
         f.write(page)
     print(f"report: {path}")
     return path
+
+
+# The paper's 7B ablation (average over MathVista, MathVerse, MathVision, MMMU-Pro and Physics) and ours:
+# (model name in `make ablations`, what it is, the paper's average or None)
+ABLATIONS = (
+    ("srpo", "SRPO: reflection SFT, then RL with the paper's reward", 53.5),
+    ("no_sft", "without reflection SFT (SRPO's RL from the base model)", 51.2),
+    ("sft", "without reflection RL (reflection SFT alone)", 46.6),
+    ("no_flen", "without f_len (alpha x f_len dropped)", 53.1),
+    ("no_ieff", "without I_eff", 52.0),
+    ("grpo", "plain-CoT SFT + plain GRPO (the demo's `grpo`)", 51.4),
+    ("base_grpo", "plain GRPO from the base model", 49.8),
+    ("base", "the base model", None),
+    ("no_iref", "without I_ref (ours)", None),
+    ("no_acc", "without R_accuracy (ours)", None),
+    ("released", "the authors' released reward (ours)", None),
+    ("sft_grpo", "reflection SFT + RL on the final answer alone (ours)", None),
+)
+
+
+def ablations_table(args: Args):
+    """The paper's ablation rows beside ours: final accuracy, the paired difference to SRPO, and what each
+    switch changes besides accuracy (first answer, wrong->right, right->wrong, reflections, length).
+    Returns the Markdown."""
+    bench = os.path.join(args.ablations, args.benchmark)
+    with open(os.path.join(bench, "comparison.json")) as f:
+        comparison = json.load(f)
+    items = {m: dataset.read_jsonl(os.path.join(bench, c["folder"], "items.jsonl")) for m, c in comparison.items()}
+    head = ["row", "paper (7B avg)", "toy final %", "− SRPO (95% interval)", "first %", "w→r %", "r→w %",
+            "reflection %", "response tokens"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for name, what, paper in ABLATIONS:
+        if name not in comparison:
+            continue
+        c, p = comparison[name], paired_difference(items[name], items["srpo"]) if "srpo" in items else None
+        diff = "" if name == "srpo" or p is None else \
+            f"{100 * p['difference']:+.1f} [{100 * p['ci95'][0]:+.1f}, {100 * p['ci95'][1]:+.1f}]"
+        cells = [what, "-" if paper is None else f"{paper}", f"**{pct(c['final_accuracy'])}**", diff,
+                 pct(c["first_accuracy"]), pct(c["wrong_to_right"]), pct(c["right_to_wrong"]),
+                 pct(c["reflection_rate"]), f"{c['reflection']['mean_response_tokens']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    markdown = "\n".join(lines) + "\n"
+    with open(os.path.join(args.ablations, "ablations.md"), "w") as f:
+        f.write(markdown)
+    print(markdown + f"\n-> {os.path.join(args.ablations, 'ablations.md')}")
+    return markdown
 
 
 def seeds_table(args: Args):
@@ -235,6 +315,16 @@ def seeds_table(args: Args):
         cells.append(f"{pct(w2r)} / {pct(r2w)}")
     cells += [diff(paired_difference(pooled[a], pooled[b])) for a, b in pairs]
     lines.append("| " + " | ".join(cells) + " |")
+    gauged = [m for m in models if all(comp[m].get("headroom") for comp in comparisons)]
+    if gauged:  # 04 --samples k: the headroom of each model on each seed (final answer)
+        k = comparisons[0][gauged[0]]["headroom"]["k"]
+        lines += ["", f"Headroom of the final answer (k = {k} samples at T = 1; % of test problems):", "",
+                  "| seed | model | greedy | pass@1 | reachable | fragile | band |", "|---|---|---:|---:|---:|---:|---:|"]
+        for comp in comparisons:
+            for m in gauged:
+                h = comp[m]["headroom"]["final"]
+                lines.append(f"| {comp[models[0]]['args']['seed']} | {m} | {h['greedy']:.1f} | {h['pass@1']:.1f} | "
+                             f"{h['reachable']:.1f} | {h['fragile']:.1f} | {h['band']:.1f} |")
     markdown = "\n".join(lines) + "\n"
     path = os.path.join(os.path.dirname(os.path.normpath(dirs[0])) or ".", "seeds.md")
     with open(path, "w") as f:
@@ -245,4 +335,4 @@ def seeds_table(args: Args):
 
 if __name__ == "__main__":
     parsed = cli.parse_args(Args)
-    seeds_table(parsed) if parsed.seeds else write_report(parsed)
+    seeds_table(parsed) if parsed.seeds else ablations_table(parsed) if parsed.ablations else write_report(parsed)

@@ -72,7 +72,8 @@ def test_whole_pipeline_small_budget(base_model_dir, tmp_path):
     # 04: the comparison across the five models, with paired differences
     models = (f"base={base_model_dir}@plain,sft={out / 'sft'},srpo={runs / 'srpo'},grpo={runs / 'grpo'}@plain,"
               f"scratchpad={runs / 'scratchpad'}@plain")
-    summaries = evaluate.main(evaluate.Args(models=models, limit=8, out_dir=str(out / "demo"), max_new_tokens=48, seed=1))
+    summaries = evaluate.main(evaluate.Args(models=models, limit=8, out_dir=str(out / "demo"), max_new_tokens=48, seed=1,
+                                            samples=2))  # and the headroom gauge
     assert set(summaries) == set(MODELS)
     comparison = json.loads((out / "demo" / "toy-test" / "comparison.json").read_text())
     assert list(comparison) == list(MODELS)
@@ -83,15 +84,28 @@ def test_whole_pipeline_small_budget(base_model_dir, tmp_path):
     diff = comparison["srpo"]["paired"]["base"]["difference"]
     assert abs(diff - (comparison["srpo"]["final_accuracy"] - comparison["base"]["final_accuracy"])) < 1e-3
     assert (out / "demo" / "toy-test" / "comparison.png").exists()
+    assert all(comparison[m]["headroom"]["k"] == 2 and comparison[m]["headroom"]["final"]["n"] == 8 for m in MODELS)
+    assert "Headroom (k = 2" in (out / "demo" / "toy-test" / "comparison.md").read_text()
     items = dataset.read_jsonl(out / "demo" / "toy-test" / "srpo" / "items.jsonl")
     assert {i["id"] for i in items} == {f"toy-{toy.TEST_SEED_OFFSET + 8 + k}" for k in range(8)}  # --seed 1: the next 8
 
+    # the tables across seeds (here the same run twice) and the ablation table (the models it has)
+    seeds = report.seeds_table(report.Args(seeds=f"{out / 'demo'},{out / 'demo'}", pairs="srpo-sft"))
+    assert seeds.count("| 1 | 8 |") == 2 and "| all | 16 |" in seeds and "| 1 | srpo |" in seeds
+    ablations = report.ablations_table(report.Args(ablations=str(out / "demo")))
+    assert "| SRPO: reflection SFT, then RL with the paper's reward | 53.5 |" in ablations
+    assert "| plain-CoT SFT + plain GRPO (the demo's `grpo`) | 51.4 |" in ablations
+    assert "from the base model" not in ablations  # rows of models this run does not have are left out
+    assert (out / "demo" / "ablations.md").exists()
+
     # report.html: one self-contained page
-    path = report.write_report(report.Args(demo_dir=str(out / "demo"), runs_dir=str(runs)))
+    path = report.write_report(report.Args(demo_dir=str(out / "demo"), runs_dir=str(runs),
+                                           ablations_dir=str(out / "demo")))
     page = _Page()
     page.feed(open(path).read())
     assert page.models == list(MODELS)
-    assert {"comparison", "paired", "chart", "curves", "wrong-to-right", "right-to-wrong", "right-to-right"} <= page.ids
+    assert {"comparison", "paired", "chart", "curves", "wrong-to-right", "right-to-wrong", "right-to-right",
+            "headroom", "ablations"} <= page.ids
     assert page.images and all(src.startswith("data:image/png;base64,") for src in page.images)
     assert page.links == []  # nothing to fetch: no links, scripts or stylesheets
 
