@@ -119,7 +119,8 @@ _READ = re.compile(r"\b(red|green|blue): (\d+)\.")
 
 
 def gate(model, processor, n, max_new_tokens=48):
-    """The gate, measured on the base model alone on the first n toy test problems (README, "the gate").
+    """The gate, measured on the base model alone on the first n toy test problems (how its thresholds
+    were set: docs/notebook.md).
 
     G1 the first attempt's answers right; G2 of the wrong ones, the share that read n right (the
     error is then in the arithmetic, which a check can redo); G3 the check procedure asked as its

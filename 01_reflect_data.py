@@ -42,9 +42,9 @@ finished work and resumes with the same results an uninterrupted run would give:
     skipped.jsonl      rows left out and why (empty question, gold not a letter/number, bad image)
     sft_reflect.jsonl  the reflection SFT set (prompt_style "reflect"), one row per teacher reflection
     sft_cot.jsonl      the plain-CoT SFT set for the paper's ablation (prompt_style "plain"): toy: the
-                       correct CoT (toy.cot_response) of the same selected problems; real data: the
-                       policy's own right, well-formed answers from the pool (rejection sampling, one
-                       sample per problem), up to N
+                       correct CoT (toy.cot_response) of the problems of sft_reflect.jsonl (the selected
+                       ones and --direct_rows'); real data: the policy's own right, well-formed answers
+                       from the pool (rejection sampling, one sample per problem), as many rows
     sft_scratchpad.jsonl  two-step toy task only: the same problems with the check procedure as the
                        first (and only) attempt (toy.cot_response(stepwise=True)): the `scratchpad`
                        baseline, which buys the same serial computation without a reflection
@@ -516,17 +516,19 @@ def main(args: Args):
 
     # 5. The plain-CoT SFT set for the ablation (rewritten whole each run: it needs no teacher), and on
     # the two-step toy task the scratchpad set: the same problems, the check procedure as the first attempt.
-    scratchpad = [sft_row(a, toy.cot_response(a, stepwise=True), "plain", True) for a in selected
+    # Both cover the problems the reflection set covers, --direct_rows' included.
+    covered = sorted(selected + direct, key=lambda a: a["row"])
+    scratchpad = [sft_row(a, toy.cot_response(a, stepwise=True), "plain", True) for a in covered
                   if "solution" in a and toy.is_two_step(a)]
     if scratchpad:
         write_jsonl_atomic(paths["sft_scratchpad"], scratchpad)
     cot = []
     if args.write_cot:
-        if all("solution" in a for a in selected):  # toy: the correct CoT of the same problems
-            cot = [sft_row(a, toy.cot_response(a), "plain", True) for a in selected]
+        if all("solution" in a for a in covered):  # toy: the correct CoT of the same problems
+            cot = [sft_row(a, toy.cot_response(a), "plain", True) for a in covered]
         else:  # real data: the policy's own right answers (rejection sampling)
             right = [a for a in sorted(answers, key=lambda a: a["row"]) if a["correct"] and a["well_formed"]]
-            for a in random.Random(args.seed).sample(right, min(args.num_samples, len(right))):
+            for a in random.Random(args.seed).sample(right, min(len(covered), len(right))):
                 save_image(ds, args, base_dir, a["row"], os.path.join(out, "images", f"{a['id']}.png"))
                 cot.append(sft_row(a, a["response"].strip(), "plain", True))  # verbatim, as above
         write_jsonl_atomic(paths["sft_cot"], cot)

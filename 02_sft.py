@@ -93,7 +93,7 @@ class Args(training.TrainArgs):
     """random seed (data order, LoRA init, dropout)"""
     epochs: int = 3
     """passes over the data (the authors' released config: 3; the paper's text: 1). On the toy, 1 epoch
-    leaves the reflection format half-learned (RESULTS.md)"""
+    leaves the reflection format half-learned"""
     max_steps: int = 0
     """optimizer steps; 0 = epochs x steps per epoch. Sets the schedule's length"""
     batch_size: int = 16

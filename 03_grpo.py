@@ -69,7 +69,7 @@ class Args(training.TrainArgs, dataset.DataArgs):
     """ablation: --no-use_reflection_format drops I_ref (Eq. 6)"""
     system_prompt: str = "auto"
     """key of dataset.SYSTEM_PROMPTS; 'auto' = 'plain' for the grpo reward, else 'reflect'"""
-    steps: int = 40
+    steps: int = 60
     """rollout steps (paper: 500)"""
     prompts_per_step: int = 32
     """prompts per rollout per process (paper: 128 over 8 GPUs; toy: 32 x G = 256 samples a step)"""
@@ -108,7 +108,7 @@ class Args(training.TrainArgs, dataset.DataArgs):
     """upper bound of the accuracy filter"""
     lr: float = 4e-4
     """learning rate (paper: 1e-6 for 7B full fine-tuning; the tiny toy model needs more: 4e-4 at 32 prompts
-    a step; 1e-3 collapsed it, RESULTS.md)"""
+    a step; much higher makes it collapse)"""
     adam_beta2: float = 0.95
     """AdamW beta2 (0.95, as in the authors' OpenRLHF setup)"""
     warmup_ratio: float = 0.03

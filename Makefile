@@ -2,7 +2,7 @@
 # model; `make test`: the test suite (what CI runs); `make base`: rebuild the shipped base model (00);
 # `make demo-dots`: the contrast, the dots task, from its own base model; `make seeds`: the demo and the
 # headroom gauge on seeds 0, 1 and 2, and the tables across them; `make ablations`: the paper's ablation
-# rows (and four of ours) on one seed.
+# rows (and five of ours) on one seed.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -31,29 +31,31 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 comma := ,
-# The comparison: the base model (plain chain of thought), reflection SFT, SRPO, and two baselines
+# The recipe's one departure from the paper's data (chosen on a dev seed: docs/notebook.md): beside the
+# 1,200 reflective rows, 01 adds 1,200 rows of the policy's own right answers without a reflection (from
+# a pool of 3,600), so that SFT teaches the habit without making it automatic and RL has a choice to
+# reward: reflect, and the answer improves.
+REFLECT_ARGS ?= --pool_size 3600 --direct_rows 1200
+# The comparison: the base model (plain chain of thought), reflection SFT, SRPO, and the paper's baseline
 # trained from the same base on the same problems for the same RL steps: plain-CoT SFT + plain GRPO
-# (`grpo`, the paper's Table 3 logic) and the check procedure as the first attempt + plain GRPO
-# (`scratchpad`: the same serial computation without a reflection).
-MODELS = base=$(BASE)@plain,sft=$(OUT)/sft,srpo=$(OUT)/srpo,grpo=$(OUT)/grpo@plain,scratchpad=$(OUT)/scratchpad@plain
+# (`grpo`, the logic of the paper's Table 3). `make ablations` adds the rest.
+MODELS = base=$(BASE)@plain,sft=$(OUT)/sft,srpo=$(OUT)/srpo,grpo=$(OUT)/grpo@plain
 EVAL = $(PY) 04_eval.py --benchmark toy --seed $(SEED) --out_dir $(DEMO)
-# The three SFT runs, then the three RL runs, are independent: SRPO (the slowest) runs on one core,
-# the baselines one after the other on the other, with their progress in a log file so that the
-# progress bars don't interleave; that core then evaluates the four models that are ready, and the
-# final 04 call resumes from their rows and only answers with SRPO.
+# The two SFT runs, then the two RL runs, are independent: SRPO (the slowest) runs on one core, the
+# baseline on the other, with its progress in a log file so that the progress bars don't interleave;
+# that core then evaluates the three models that are ready, and the final 04 call resumes from their
+# rows and only answers with SRPO.
 demo: $(VENV)/.installed
 	rm -rf $(OUT) $(DEMO)
-	OMP_NUM_THREADS=$(THREADS) $(PY) 01_reflect_data.py --model $(BASE) --seed $(SEED) --out_dir $(OUT)/reflect
-	@echo "the two baseline SFT runs run alongside; their log: $(OUT)/sft_baselines.log"
-	$(call side_by_side,$(OUT)/sft_baselines.log,\
-		( $(PY) 02_sft.py --model $(BASE) --data $(OUT)/reflect/sft_cot.jsonl --out_dir $(OUT)/sft_cot --seed $(SEED) $(SFT_ARGS) && \
-		  $(PY) 02_sft.py --model $(BASE) --data $(OUT)/reflect/sft_scratchpad.jsonl --out_dir $(OUT)/sft_scratchpad --seed $(SEED) $(SFT_ARGS) ),\
+	OMP_NUM_THREADS=$(THREADS) $(PY) 01_reflect_data.py --model $(BASE) --seed $(SEED) --out_dir $(OUT)/reflect $(REFLECT_ARGS)
+	@echo "the baseline's SFT runs alongside; its log: $(OUT)/sft_cot.log"
+	$(call side_by_side,$(OUT)/sft_cot.log,\
+		$(PY) 02_sft.py --model $(BASE) --data $(OUT)/reflect/sft_cot.jsonl --out_dir $(OUT)/sft_cot --seed $(SEED) $(SFT_ARGS),\
 		$(PY) 02_sft.py --model $(BASE) --data $(OUT)/reflect/sft_reflect.jsonl --out_dir $(OUT)/sft --seed $(SEED) $(SFT_ARGS))
-	@echo "plain GRPO and the scratchpad baseline, then the evaluation of four models, run alongside; their log: $(OUT)/baselines.log"
+	@echo "plain GRPO, then the evaluation of three models, run alongside; their log: $(OUT)/baselines.log"
 	$(call side_by_side,$(OUT)/baselines.log,\
 		( $(PY) 03_grpo.py --model $(OUT)/sft_cot --reward grpo --out_dir $(OUT)/grpo --seed $(SEED) $(RL_ARGS) && \
-		  $(PY) 03_grpo.py --model $(OUT)/sft_scratchpad --reward grpo --out_dir $(OUT)/scratchpad --seed $(SEED) $(RL_ARGS) && \
-		  $(EVAL) --models base=$(BASE)@plain$(comma)sft=$(OUT)/sft$(comma)grpo=$(OUT)/grpo@plain$(comma)scratchpad=$(OUT)/scratchpad@plain ),\
+		  $(EVAL) --models base=$(BASE)@plain$(comma)sft=$(OUT)/sft$(comma)grpo=$(OUT)/grpo@plain ),\
 		$(PY) 03_grpo.py --model $(OUT)/sft --out_dir $(OUT)/srpo --seed $(SEED) $(RL_ARGS))
 	OMP_NUM_THREADS=$(THREADS) $(EVAL) --models $(MODELS)
 	cp $(DEMO)/toy-test/comparison.json $(DEMO)/toy-test/comparison.png $(DEMO)/toy-test/comparison.md $(DEMO)/
@@ -66,47 +68,49 @@ base: $(VENV)/.installed
 	OMP_NUM_THREADS=$(THREADS) $(PY) 00_base_model.py --out_dir $(BASE)
 
 # The demo on three seeds (each changes every stage's seed and draws a different test set), each with the
-# headroom gauge (16 samples per test problem) of the base, reflection-SFT and SRPO models, then the tables
-# across them with paired 95% intervals. About 20 minutes a seed on 2 cores.
+# headroom gauge (16 samples on each of 500 test problems) of the base, reflection-SFT and SRPO models,
+# then the tables across them with paired 95% intervals. About 20 minutes a seed on 2 cores.
 seeds: $(VENV)/.installed
 	for s in 0 1 2; do $(MAKE) demo SEED=$$s OUT=runs/toy-seed$$s DEMO=runs/demo-seed$$s && \
-		OMP_NUM_THREADS=$(THREADS) $(PY) 04_eval.py --benchmark toy --seed $$s --out_dir runs/gauge-seed$$s --samples 16 \
+		OMP_NUM_THREADS=$(THREADS) $(PY) 04_eval.py --benchmark toy --seed $$s --out_dir runs/gauge-seed$$s --samples 16 --limit 500 \
 			--models base=$(BASE)@plain,sft=runs/toy-seed$$s/sft,srpo=runs/toy-seed$$s/srpo || exit 1; done
 	$(PY) report.py --seeds runs/demo-seed0,runs/demo-seed1,runs/demo-seed2
 	$(PY) report.py --seeds runs/gauge-seed0,runs/gauge-seed1,runs/gauge-seed2 --pairs srpo-sft,sft-base
 
-# The paper's 7B ablation rows on the toy, from the same base model and data, one seed, two runs at a time
-# (about 35 minutes on 2 cores): SRPO; without reflection SFT (SRPO's RL from the base); without reflection
-# RL (SFT alone); without f_len; without I_eff; plain-CoT SFT + GRPO; plain GRPO from the base; and ours:
-# without I_ref, without R_accuracy, the authors' released reward, and reflection SFT + RL on the final
-# answer alone. The table beside the paper's figures: $(ABL)/eval/ablations.md (and the demo's report).
+# The paper's 7B ablation rows on the toy, on one seed, from the demo's base model, data and models (in
+# $(OUT), made by `make demo` with the same SEED first if they are missing), the new runs two at a time
+# (about 35 minutes on 2 cores): SRPO; without reflection SFT (SRPO's RL from the base); without
+# reflection RL (SFT alone); without f_len; without I_eff; plain-CoT SFT + GRPO; plain GRPO from the base;
+# and ours: without I_ref, without R_accuracy, the authors' released reward, reflection SFT + RL on the
+# final answer alone, and the check procedure as the first attempt + plain GRPO (`scratchpad`: the
+# same serial computation without a reflection). The table beside the paper's figures:
+# $(ABL)/eval/ablations.md (and the demo's report).
 ABL ?= runs/ablations
 RL = $(PY) 03_grpo.py --seed $(SEED) $(RL_ARGS)
 ablations: $(VENV)/.installed
+	[ -f $(OUT)/srpo/model.safetensors ] && [ -f $(OUT)/grpo/model.safetensors ] || $(MAKE) demo SEED=$(SEED) OUT=$(OUT) DEMO=$(DEMO)
+	$(PY) -c "import json,sys; s=json.load(open('$(OUT)/reflect/stats.json'))['args']['seed']; \
+		sys.exit(0 if s == $(SEED) else f'$(OUT) holds seed {s}, not SEED=$(SEED): make demo SEED=$(SEED) first')"
 	rm -rf $(ABL)
-	OMP_NUM_THREADS=$(THREADS) $(PY) 01_reflect_data.py --model $(BASE) --seed $(SEED) --out_dir $(ABL)/reflect
-	$(call side_by_side,$(ABL)/sft_cot.log,\
-		$(PY) 02_sft.py --model $(BASE) --data $(ABL)/reflect/sft_cot.jsonl --out_dir $(ABL)/sft_cot --seed $(SEED) $(SFT_ARGS),\
-		$(PY) 02_sft.py --model $(BASE) --data $(ABL)/reflect/sft_reflect.jsonl --out_dir $(ABL)/sft --seed $(SEED) $(SFT_ARGS))
 	@echo "the ablation runs, two at a time; the second lane's log: $(ABL)/lane2.log"
 	$(call side_by_side,$(ABL)/lane2.log,\
 		( $(RL) --model $(BASE) --out_dir $(ABL)/no_sft && \
-		  $(RL) --model $(ABL)/sft --out_dir $(ABL)/no_ieff --no-use_effectiveness && \
-		  $(RL) --model $(ABL)/sft --out_dir $(ABL)/no_acc --no-use_accuracy && \
-		  $(RL) --model $(ABL)/sft --out_dir $(ABL)/sft_grpo --reward grpo --system_prompt reflect && \
+		  $(RL) --model $(OUT)/sft --out_dir $(ABL)/no_ieff --no-use_effectiveness && \
+		  $(RL) --model $(OUT)/sft --out_dir $(ABL)/no_acc --no-use_accuracy && \
+		  $(RL) --model $(OUT)/sft --out_dir $(ABL)/sft_grpo --reward grpo --system_prompt reflect && \
 		  $(RL) --model $(BASE) --out_dir $(ABL)/base_grpo --reward grpo ),\
-		$(RL) --model $(ABL)/sft --out_dir $(ABL)/srpo && \
-		$(RL) --model $(ABL)/sft --out_dir $(ABL)/no_flen --no-use_length && \
-		$(RL) --model $(ABL)/sft --out_dir $(ABL)/no_iref --no-use_reflection_format && \
-		$(RL) --model $(ABL)/sft --out_dir $(ABL)/released --reward released && \
-		$(RL) --model $(ABL)/sft_cot --out_dir $(ABL)/grpo --reward grpo)
+		$(PY) 02_sft.py --model $(BASE) --data $(OUT)/reflect/sft_scratchpad.jsonl --out_dir $(ABL)/sft_scratchpad --seed $(SEED) $(SFT_ARGS) && \
+		$(RL) --model $(ABL)/sft_scratchpad --out_dir $(ABL)/scratchpad --reward grpo && \
+		$(RL) --model $(OUT)/sft --out_dir $(ABL)/no_flen --no-use_length && \
+		$(RL) --model $(OUT)/sft --out_dir $(ABL)/no_iref --no-use_reflection_format && \
+		$(RL) --model $(OUT)/sft --out_dir $(ABL)/released --reward released)
 	OMP_NUM_THREADS=$(THREADS) $(PY) 04_eval.py --benchmark toy --seed $(SEED) --out_dir $(ABL)/eval --models \
-		base=$(BASE)@plain,sft=$(ABL)/sft,srpo=$(ABL)/srpo,no_sft=$(ABL)/no_sft,no_flen=$(ABL)/no_flen,no_ieff=$(ABL)/no_ieff,no_iref=$(ABL)/no_iref,no_acc=$(ABL)/no_acc,released=$(ABL)/released,sft_grpo=$(ABL)/sft_grpo,grpo=$(ABL)/grpo@plain,base_grpo=$(ABL)/base_grpo@plain
+		base=$(BASE)@plain,sft=$(OUT)/sft,srpo=$(OUT)/srpo,grpo=$(OUT)/grpo@plain,no_sft=$(ABL)/no_sft,no_flen=$(ABL)/no_flen,no_ieff=$(ABL)/no_ieff,no_iref=$(ABL)/no_iref,no_acc=$(ABL)/no_acc,released=$(ABL)/released,sft_grpo=$(ABL)/sft_grpo,base_grpo=$(ABL)/base_grpo@plain,scratchpad=$(ABL)/scratchpad@plain
 	$(PY) report.py --ablations $(ABL)/eval
 
 # The contrast: the dots task, where a second look at the image is the same glance as the first, with
 # the settings its README figures were measured with (600 SFT rows; RL 40 steps of 8 prompts at lr 1e-4).
-DOTS_RL := --prompts_per_step 8 --lr 1e-4
+DOTS_RL := --steps 40 --prompts_per_step 8 --lr 1e-4
 DOTS := runs/toy-dots
 DOTS_DEMO := runs/demo-dots
 demo-dots: $(VENV)/.installed

@@ -66,7 +66,7 @@ class Args:
     seeds: str = ""
     """instead of the page: demo_dirs of several seeds, comma-separated -> the table across them (printed,
     and written to seeds.md beside the first)"""
-    pairs: str = "sft-base,srpo-sft,srpo-grpo,srpo-scratchpad"
+    pairs: str = "sft-base,srpo-sft,srpo-grpo"
     """--seeds: the paired differences to show, a-b"""
     ablations: str = ""
     """instead of the page: 04_eval.py's --out_dir of `make ablations` -> the ablation table (printed, and
@@ -245,6 +245,7 @@ ABLATIONS = (
     ("no_acc", "without R_accuracy (ours)", None),
     ("released", "the authors' released reward (ours)", None),
     ("sft_grpo", "reflection SFT + RL on the final answer alone (ours)", None),
+    ("scratchpad", "the check as the first attempt, no reflection, + plain GRPO (ours)", None),
 )
 
 

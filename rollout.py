@@ -11,9 +11,9 @@ a cache that is re-concatenated each step, logits processors and mask building i
   - the KV cache is allocated once for prompt + max_new_tokens (a static cache), so a decoding step
     always has the same shapes, and attention reads each key/value head once (no per-group copies);
   - on CUDA that step (model forward + sampling) is compiled into CUDA graphs (torch.compile,
-    mode="reduce-overhead"): one graph replay per token. On a CPU it runs eagerly: measured on the toy
-    (batch 256 and 32, 128 tokens), compiling makes a step 15-20% faster but costs ~40 s per process, which
-    a 40-step toy run does not win back, and it needs a C++ compiler.
+    mode="reduce-overhead"): one graph replay per token. On a CPU it runs eagerly: compiling costs
+    more start-up time per process than a toy run wins back, and it needs a C++ compiler
+    (docs/performance.md has the figures).
 
 Same semantics as hf_generate: plain softmax(logits / T) with top-p (no top-k), vision special tokens
 suppressed, EOS blocked before min_new_tokens, pad after EOS, stop once every row has ended. Greedy output

@@ -54,8 +54,8 @@ FAMILIES = ("times_plus", "plus_times")
 MAX_DOTS = 8  # n: 1-8 dots, two rows of four
 MAX_ADDEND = 9  # c: 1-9
 # m: 2..MAX_MULTIPLIER[family]. The one difficulty knob of each family, set so that the base model's
-# one-step first attempts are right about half the time (README, "the gate"); the check's single
-# operations stay small tables either way.
+# one-step first attempts are right about half the time (00_base_model.py's gate, G1); the check's
+# single operations stay small tables either way.
 MAX_MULTIPLIER = {"times_plus": 15, "plus_times": 15}
 STEP_CUE = " Check it step by step."  # appended to a question: the check procedure as its own task
 
@@ -137,8 +137,9 @@ def single_step_problem(seed):
 
     Which of the two steps is asked is the first draw of Random(seed), the same draw that picks the
     family, so times_plus always gives its n x m step and plus_times its (n + c) x m step: these are
-    all multiplications ("What is 5 x 7?"); the additions are learned only inside the check. A known
-    flaw of the shipped base model's data (README, "the gate"); kept so that `make base` rebuilds it.
+    all multiplications ("What is 5 x 7?"); the additions are learned only inside the check, which is
+    why times_plus (an addition to a large product) has the weaker check. Kept as it is so that
+    `make base` rebuilds the shipped model.
     """
     family, _, n, m, c = _two_step_values(random.Random(seed))
     x, sign, y, z = check_steps(family, n, m, c)[random.Random(seed).randrange(2)]

@@ -8,7 +8,7 @@ reports what it finished; GRPO runs that no longer fit the time budget are skipp
      random bf16 weights on the GPU, save it with save_pretrained plus the official Qwen2.5-VL processor around the toy tokenizer;
   3. GRPO runs of 03_grpo.py (a fresh process each; --load_in_4bit --lora_r 16, G = 8, generation
      forced to 256 tokens, toy problems with images upscaled to 448x448 = 256 image tokens):
-       p1gc  1 prompt x 8, 3 steps, gradient checkpointing (the issue's setting and its 24 GB target;
+       p1gc  1 prompt x 8, 3 steps, gradient checkpointing (a 24 GB card's setting;
              the first step is warm-up)
        p1    1 prompt x 8, 2 steps, no gradient checkpointing (what checkpointing saves and costs)
        p4    4 prompts x 8, 2 steps, gradient checkpointing

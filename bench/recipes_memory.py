@@ -31,7 +31,7 @@ RECIPES = {
     "03 GRPO 7B, ZeRO-3, 8 GPUs": ("7B", "full", 8, 3, 16 * 8, 1024, 2048, 4, True),
     "03 GRPO 7B, ZeRO-2, 8 GPUs": ("7B", "full", 8, 2, 16 * 8, 1024, 2048, 4, True),
     "03 GRPO 7B, one GPU, QLoRA r16": ("7B", "qlora16", 1, 0, 2 * 8, 1024, 2048, 4, True),
-    "03 GRPO 32B, ZeRO-3, 16 GPUs, --rollout hf": ("32B", "full", 16, "3hf", 8 * 8, 1024, 2048, 2, True),
+    "03 GRPO 32B, ZeRO-3, 16 GPUs, --rollout hf": ("32B", "full", 16, "3hf", 4 * 8, 1024, 2048, 2, True),
 }
 
 

@@ -285,6 +285,8 @@ def test_direct_rows_are_right_answers_without_reflection(reference, tmp_path):
     for r in direct:
         assert answers[r["id"]]["correct"] and r["response"] == answers[r["id"]]["response"].strip()
         assert r["prompt_style"] == "reflect" and os.path.isfile(out / r["image"])
+    for baseline in ("sft_cot", "sft_scratchpad"):  # the baselines' sets cover the same problems
+        assert sorted(r["id"] for r in dataset.read_jsonl(out / f"{baseline}.jsonl")) == sorted(r["id"] for r in rows)
     run_main(small_args("/nonexistent/model", out, direct_rows=10))  # a rerun adds nothing
     assert len(dataset.read_jsonl(out / "sft_reflect.jsonl")) == len(rows)
 
