@@ -91,7 +91,7 @@ ablations: $(VENV)/.installed
 	[ -f $(OUT)/srpo/model.safetensors ] && [ -f $(OUT)/grpo/model.safetensors ] || $(MAKE) demo SEED=$(SEED) OUT=$(OUT) DEMO=$(DEMO)
 	$(PY) -c "import json,sys; s=json.load(open('$(OUT)/reflect/stats.json'))['args']['seed']; \
 		sys.exit(0 if s == $(SEED) else f'$(OUT) holds seed {s}, not SEED=$(SEED): make demo SEED=$(SEED) first')"
-	rm -rf $(ABL)
+	rm -rf $(ABL) && mkdir -p $(ABL)
 	@echo "the ablation runs, two at a time; the second lane's log: $(ABL)/lane2.log"
 	$(call side_by_side,$(ABL)/lane2.log,\
 		( $(RL) --model $(BASE) --out_dir $(ABL)/no_sft && \

@@ -19,6 +19,7 @@ import io
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import cli
@@ -65,7 +66,7 @@ class Args:
     """the page's title"""
     seeds: str = ""
     """instead of the page: demo_dirs of several seeds, comma-separated -> the table across them (printed,
-    and written to seeds.md beside the first)"""
+    and written beside the first: runs/demo-seed0,... -> runs/demo-seeds.md)"""
     pairs: str = "sft-base,srpo-sft,srpo-grpo"
     """--seeds: the paired differences to show, a-b"""
     ablations: str = ""
@@ -327,7 +328,8 @@ def seeds_table(args: Args):
                 lines.append(f"| {comp[models[0]]['args']['seed']} | {m} | {h['greedy']:.1f} | {h['pass@1']:.1f} | "
                              f"{h['reachable']:.1f} | {h['fragile']:.1f} | {h['band']:.1f} |")
     markdown = "\n".join(lines) + "\n"
-    path = os.path.join(os.path.dirname(os.path.normpath(dirs[0])) or ".", "seeds.md")
+    first = os.path.normpath(dirs[0])  # runs/demo-seed0 -> runs/demo-seeds.md
+    path = os.path.join(os.path.dirname(first) or ".", re.sub(r"-?seed\d*$", "", os.path.basename(first)) + "-seeds.md")
     with open(path, "w") as f:
         f.write(markdown)
     print(markdown + f"\n-> {path}")
