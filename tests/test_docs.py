@@ -72,3 +72,15 @@ def test_exercises_name_files_and_symbols_that_exist():
         n for n in ast.parse(open(os.path.join(ROOT, "toy.py")).read()).body
         if isinstance(n, ast.FunctionDef) and n.name == "oracle_reflection"))
     assert "{colour}: {n}." in source
+
+
+def test_the_makefiles_recipe_flags_parse():
+    """The flags `make demo`, `make seeds`, `make ablations` and `make demo-dots` pass to every stage."""
+    text = open(os.path.join(ROOT, "Makefile")).read()
+    variables = dict(re.findall(r"^(\w+) \??:?= ?(.*)$", text, re.M))
+    for name, script in (("REFLECT_ARGS", "01_reflect_data"), ("SFT_ARGS", "02_sft"), ("DOTS_RL", "03_grpo")):
+        assert variables[name].startswith("--"), name
+        args = cli.parse_args(load_script(script).Args, shlex.split(variables[name]))
+        assert args is not None, name
+    args = cli.parse_args(load_script("01_reflect_data").Args, shlex.split(variables["REFLECT_ARGS"]))
+    assert args.direct_rows > 0 and args.pool_size >= args.num_samples + args.direct_rows
