@@ -98,8 +98,8 @@ class Args(dataset.DataArgs):
     threads: int = 1
     """torch CPU threads; 1 suits the tiny toy model and stays fast beside other jobs (0 = torch's default)"""
     num_samples: int = 1200
-    """N, problems kept for SFT (the paper: 10K; the toy's 600 of earlier versions left reflection SFT 8 points
-    lower, README)"""
+    """N, problems kept for SFT (the paper: 10K; on the toy, 600 left reflection SFT 8 points lower than
+    1,200)"""
     correct_fraction: float = 0.3
     """share of kept problems whose first answer is right (the paper: 0.3)"""
     fill_from_other: bool = True

@@ -19,7 +19,7 @@ Writes  --out_dir runs/toy/sft/
         before/after check on toy test problems), eval_samples.jsonl (what the policy answers),
         checkpoint/ (every --save_every steps: weights, optimizer, scheduler, RNG, data position).
 
-Toy (2 CPU cores: ~80 s, of which ~50 s training and ~20 s the before/after check; the demo's run):
+Toy (2 CPU cores: 1-2 min for 225-450 steps, and ~20 s for the before/after check, which the demo skips):
     python 02_sft.py                                   # reflection SFT -> runs/toy/sft
     python 02_sft.py --data runs/toy/reflect/sft_cot.jsonl --out_dir runs/toy/sft_cot
                                                        # the paper's "plain-CoT SFT" ablation
@@ -98,7 +98,7 @@ class Args(training.TrainArgs):
     """optimizer steps; 0 = epochs x steps per epoch. Sets the schedule's length"""
     batch_size: int = 16
     """effective batch: examples per optimizer step over all processes (paper: 8 GPUs x 1 x 2 = 16;
-    toy: 3 epochs of 1,200 rows are 225 steps)"""
+    toy: 3 epochs of 1,200 rows are 225 steps, of the demo's 2,400 rows 450)"""
     grad_accum: int = 1
     """micro-batches per process per optimizer step (paper: 2)"""
     lr: float = 2e-3

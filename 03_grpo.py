@@ -9,7 +9,7 @@ Each step of the loop in `main` is one of the paper's six:
   6. metrics (`step_metrics`): one log line and one metrics.jsonl row.
 Everything else is plumbing: batches with images, data, checkpoints.
 
-Toy (after 02, ~5 minutes on 2 CPU cores):
+Toy (after 02, ~4-5 minutes on 2 CPU cores):
     python 03_grpo.py                                            # SRPO: runs/toy/sft -> runs/toy/srpo
     python 03_grpo.py --reward grpo --model runs/toy/sft_cot --out_dir runs/toy/grpo   # plain-GRPO baseline
     python 03_grpo.py --resume                                   # continue an interrupted run
@@ -51,8 +51,8 @@ class Args(training.TrainArgs, dataset.DataArgs):
     out_dir: str = "runs/toy/srpo"
     """where the trained policy, metrics and samples go"""
     train_size: int = 0
-    """RL prompts: a seeded sample of this many rows of --data; 0 = all (the toy: 2,000 problems from
-    train seeds stage 1 does not use)"""
+    """RL prompts: a seeded sample of this many rows of --data; 0 = all (the toy: 2,000 train problems,
+    the seed range --seed + 1, which may overlap stage 1's pool)"""
     max_pixels: int = 262144
     """images with more pixels are downscaled first, keeping the aspect ratio (as in 02)"""
     reward: str = "paper"

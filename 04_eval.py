@@ -15,7 +15,7 @@ benchmark's own rules (benchmarks.py: the items and a port of each official scor
 GPT-4o; the rules still decide.
 
     python 04_eval.py                                    # toy test split, runs/toy/srpo (~20 s, 2 CPU cores)
-    python 04_eval.py --models base=models/toy_base@plain,sft=runs/toy/sft,srpo=runs/toy/srpo,grpo=runs/toy/grpo@plain,scratchpad=runs/toy/scratchpad@plain
+    python 04_eval.py --models base=models/toy_base@plain,sft=runs/toy/sft,srpo=runs/toy/srpo,grpo=runs/toy/grpo@plain
                                                          # what `make demo` compares
     python 04_eval.py --benchmark toy-dots --models base=runs/toy-dots/base@plain,srpo=runs/toy-dots/srpo
     # A local copy of a real benchmark (here MathVision's GitHub release: testmini.jsonl + images/).

@@ -11,7 +11,7 @@ BASE ?= models/toy_base
 OUT ?= runs/toy
 DEMO ?= runs/demo
 # One thread per process: the paired stages below run two processes at once; a stage that runs
-# alone gets all the cores (THREADS).
+# alone gets up to four cores (THREADS; 01 keeps its own --threads).
 export OMP_NUM_THREADS ?= 1
 THREADS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n < 4 ? n : 4 )))
 SFT_ARGS ?= --eval_size 0
@@ -69,7 +69,7 @@ base: $(VENV)/.installed
 
 # The demo on three seeds (each changes every stage's seed and draws a different test set), each with the
 # headroom gauge (16 samples on each of 500 test problems) of the base, reflection-SFT and SRPO models,
-# then the tables across them with paired 95% intervals. About 20 minutes a seed on 2 cores.
+# then the tables across them with paired 95% intervals. About 11 minutes a seed on 2 cores.
 seeds: $(VENV)/.installed
 	for s in 0 1 2; do $(MAKE) demo SEED=$$s OUT=runs/toy-seed$$s DEMO=runs/demo-seed$$s && \
 		OMP_NUM_THREADS=$(THREADS) $(PY) 04_eval.py --benchmark toy --seed $$s --out_dir runs/gauge-seed$$s --samples 16 --limit 500 \
@@ -79,12 +79,12 @@ seeds: $(VENV)/.installed
 
 # The paper's 7B ablation rows on the toy, on one seed, from the demo's base model, data and models (in
 # $(OUT), made by `make demo` with the same SEED first if they are missing), the new runs two at a time
-# (about 35 minutes on 2 cores): SRPO; without reflection SFT (SRPO's RL from the base); without
+# (28 minutes on 2 cores): SRPO; without reflection SFT (SRPO's RL from the base); without
 # reflection RL (SFT alone); without f_len; without I_eff; plain-CoT SFT + GRPO; plain GRPO from the base;
 # and ours: without I_ref, without R_accuracy, the authors' released reward, reflection SFT + RL on the
 # final answer alone, and the check procedure as the first attempt + plain GRPO (`scratchpad`: the
 # same serial computation without a reflection). The table beside the paper's figures:
-# $(ABL)/eval/ablations.md (and the demo's report).
+# $(ABL)/eval/ablations.md (`report.py --ablations_dir` puts it on a report page).
 ABL ?= runs/ablations
 RL = $(PY) 03_grpo.py --seed $(SEED) $(RL_ARGS)
 ablations: $(VENV)/.installed
@@ -109,7 +109,7 @@ ablations: $(VENV)/.installed
 	$(PY) report.py --ablations $(ABL)/eval
 
 # The contrast: the dots task, where a second look at the image is the same glance as the first, with
-# the settings its README figures were measured with (600 SFT rows; RL 40 steps of 8 prompts at lr 1e-4).
+# the settings its RESULTS.md figures were measured with (600 SFT rows; RL 40 steps of 8 prompts at lr 1e-4).
 DOTS_RL := --steps 40 --prompts_per_step 8 --lr 1e-4
 DOTS := runs/toy-dots
 DOTS_DEMO := runs/demo-dots

@@ -307,7 +307,8 @@ def load_prompts(args, log=print, progress=True):
     import toy
     from tqdm.auto import tqdm
 
-    # Toy prompts come from train seeds disjoint from stage 1's pool (01 uses the range of --seed).
+    # Toy prompts: the train seeds of the range --seed + 1, which may overlap stage 1's pool (01 draws
+    # from seed x pool_size on); the test split is apart from both.
     size = args.train_size or (2000 if args.data in toy.TASKS else 0)
     ds, base_dir = load_problems(args, size, args.seed + 1)
     problems, skipped = screen_problems(ds, args)

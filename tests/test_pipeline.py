@@ -41,16 +41,18 @@ def test_whole_pipeline_small_budget(base_model_dir, tmp_path):
     out = tmp_path
 
     # 01: reflection data (the base model comes from 00 via the session fixture), and both baselines' SFT sets
+    # (with direct rows, as `make demo` asks for them: right answers outside the selection, no reflection)
     reflect.main(reflect.Args(model=base_model_dir, out_dir=str(out / "reflect"), pool_size=40, num_samples=20,
-                              batch_size=20, max_new_tokens=32))
-    rows = dataset.read_jsonl(out / "reflect" / "sft_reflect.jsonl")
-    assert len(rows) == 20 and all(r["prompt_style"] == "reflect" for r in rows)
-    assert all("<reflection>Check: " in r["response"] and r["response"].endswith(f"<answer>{r['answer']}</answer>")
-               for r in rows)
-    ds = datasets.load_dataset("json", data_files=str(out / "reflect" / "sft_reflect.jsonl"), split="train")
-    assert len(ds) == 20 and all(os.path.exists(out / "reflect" / p) for p in ds["image"])
+                              batch_size=20, max_new_tokens=32, direct_rows=4))
     stats = json.loads((out / "reflect" / "stats.json").read_text())
-    assert stats["pool"] == 40 and stats["reflections"] == 20 and stats["scratchpad"] == stats["cot"] == 20
+    n = 20 + stats["direct"]
+    rows = dataset.read_jsonl(out / "reflect" / "sft_reflect.jsonl")
+    assert len(rows) == n and all(r["prompt_style"] == "reflect" for r in rows)
+    assert sum("<reflection>Check: " in r["response"] for r in rows) == 20
+    assert all(r["response"].endswith(f"<answer>{r['answer']}</answer>") for r in rows if "<reflection>" in r["response"])
+    ds = datasets.load_dataset("json", data_files=str(out / "reflect" / "sft_reflect.jsonl"), split="train")
+    assert len(ds) == n and all(os.path.exists(out / "reflect" / p) for p in ds["image"])
+    assert stats["pool"] == 40 and stats["reflections"] == 20 and stats["scratchpad"] == stats["cot"] == n
     scratch = dataset.read_jsonl(out / "reflect" / "sft_scratchpad.jsonl")
     assert {r["id"] for r in scratch} == {r["id"] for r in rows} and all(r["prompt_style"] == "plain" for r in scratch)
 
