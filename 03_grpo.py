@@ -157,12 +157,6 @@ def check_args(args):
 # The pieces of the GRPO objective
 
 
-def repeat_for_group(batch, G, vision_start_id):
-    """Each prompt repeated G times in a row: (P, ...) -> (P*G, ...), images included."""
-    P = batch["input_ids"].shape[0]
-    return dataset.select_rows(batch, [i for i in range(P) for _ in range(G)], vision_start_id)
-
-
 def group_advantages(r, eps=1e-4):
     """Eq. 3: A_i = (r_i - mean(r)) / (std(r) + eps) within each group. (P, G) -> (P, G)
 
@@ -311,20 +305,20 @@ def grpo_step(model, ref_model, accelerator, optimizer, scheduler, train, comp, 
     only when sync_gradients is set, though ZeRO-2/3 reduce at every backward.
     """
     shared, B = args.share_prompts and not args.gradient_checkpointing, len(comp)
+    micro_logprobs = prompt_shared_logprobs if shared else one_pass_logprobs  # one micro-batch's pass
 
-    def logprobs(m, rows):
-        return token_logprobs(m, dataset.select_rows(train, rows, vision_start), comp[rows], args.temperature,
-                              args.micro_batch, vision_start, shared)
+    def logprobs(m):  # the whole batch, micro-batch by micro-batch
+        return token_logprobs(m, train, comp, args.temperature, args.micro_batch, vision_start, shared)
 
     with torch.no_grad(), accelerator.autocast():
-        old_logp = logprobs(model, list(range(B))) if args.mu > 1 else None
+        old_logp = logprobs(model) if args.mu > 1 else None
         ref_logp = None
         if args.kl_coef > 0:
             if ref_model is not None:
-                ref_logp = logprobs(ref_model, list(range(B)))
+                ref_logp = logprobs(ref_model)
             else:  # LoRA: the reference is the base with the adapters off
                 with accelerator.unwrap_model(model).disable_adapter():
-                    ref_logp = logprobs(model, list(range(B)))
+                    ref_logp = logprobs(model)
 
     world = accelerator.num_processes
     counts = torch.tensor([float(cmask.sum()), float(n_kept)], device=accelerator.device)
@@ -338,7 +332,8 @@ def grpo_step(model, ref_model, accelerator, optimizer, scheduler, train, comp, 
             last = s == starts[-1]
             accelerator.sync_gradients = last
             with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                logp = logprobs(model, mb)
+                logp = micro_logprobs(model, dataset.select_rows(train, mb, vision_start), comp[mb], args.temperature,
+                                      vision_start)
                 old = logp.detach() if old_logp is None else old_logp[mb]
                 ref = None if ref_logp is None else ref_logp[mb]
                 loss, st = grpo_loss(logp, old, ref, adv[mb], cmask[mb], args)  # Eq. (2) on this micro-batch
@@ -445,7 +440,7 @@ def main(args: Args):
         # 1. Group sampling: every prompt G times, sampled at temperature T (old policy = current).
         enc = dataset.encode_prompts(processor, [p["question"] for p in batch_prompts], images, system)
         enc = {k: v.to(accelerator.device) for k, v in enc.items()}
-        group = repeat_for_group(enc, G, vision_start)  # (P*G, Lp)
+        group = dataset.repeat_for_group(enc, G, vision_start)  # (P*G, Lp)
         if step == start:  # before the first rollout: will this recipe fit?
             accelerator.print(training.memory_line(training.memory_estimate(
                 model, accelerator, sequences=P * G, prompt_len=enc["input_ids"].shape[1],

@@ -204,6 +204,7 @@ def make_generator(model_path, args, max_new_tokens, prompt):
     model, processor = policy.load_policy(base, dtype=args.dtype, load_in_4bit=args.load_in_4bit,
                                           adapter_path=adapter)
     system = dataset.SYSTEM_PROMPTS[prompt]
+    vision_start = processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")
 
     def generate(questions, images):
         return rollout.generate_responses(model, processor, questions, images, system_prompt=system,
@@ -212,8 +213,7 @@ def make_generator(model_path, args, max_new_tokens, prompt):
 
     def sample(questions, images, k, seed):
         enc = dataset.encode_prompts(processor, questions, images, system)
-        vision_start = processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")
-        group = dataset.select_rows(enc, [i for i in range(len(questions)) for _ in range(k)], vision_start)
+        group = dataset.repeat_for_group(enc, k, vision_start)
         torch.manual_seed(seed)
         texts = rollout.generate(model, processor, group, max_new_tokens=max_new_tokens,
                                  temperature=args.sample_temperature)[2]

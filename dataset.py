@@ -113,6 +113,13 @@ def select_rows(batch, rows, vision_start_id):
     return out
 
 
+def repeat_for_group(batch, G, vision_start_id):
+    """Each prompt repeated G times in a row: (P, ...) -> (P*G, ...), images included (GRPO's groups,
+    and the k samples per item of 04's headroom gauge)."""
+    P = batch["input_ids"].shape[0]
+    return select_rows(batch, [i for i in range(P) for _ in range(G)], vision_start_id)
+
+
 # ----------------------------------------------------------------------------------------------
 # Images
 

@@ -195,7 +195,7 @@ def write_report(args: Args):
         body.append(f"<img id=\"chart\" alt=\"final accuracy per family\" src=\"{png_data_uri(chart)}\">")
     body.append(headroom_html(comparison))
     if os.path.exists(os.path.join(args.ablations_dir, args.benchmark, "comparison.json")):
-        table = ablations_table(dataclasses.replace(args, ablations=args.ablations_dir))
+        table = ablations_markdown(dataclasses.replace(args, ablations=args.ablations_dir))
         body += ["<h2>The paper's ablations on the toy (<code>make ablations</code>)</h2>",
                  markdown_table_html(table, "ablations")]
     runs = {}
@@ -250,10 +250,14 @@ ABLATIONS = (
 )
 
 
-def ablations_table(args: Args):
+def difference_cell(p):
+    """A paired difference (paired_difference) in points with its 95% interval, or '-'."""
+    return "-" if p is None else f"{100 * p['difference']:+.1f} [{100 * p['ci95'][0]:+.1f}, {100 * p['ci95'][1]:+.1f}]"
+
+
+def ablations_markdown(args: Args):
     """The paper's ablation rows beside ours: final accuracy, the paired difference to SRPO, and what each
-    switch changes besides accuracy (first answer, wrong->right, right->wrong, reflections, length).
-    Returns the Markdown."""
+    switch changes besides accuracy (first answer, wrong->right, right->wrong, reflections, length)."""
     bench = os.path.join(args.ablations, args.benchmark)
     with open(os.path.join(bench, "comparison.json")) as f:
         comparison = json.load(f)
@@ -265,13 +269,17 @@ def ablations_table(args: Args):
         if name not in comparison:
             continue
         c, p = comparison[name], paired_difference(items[name], items["srpo"]) if "srpo" in items else None
-        diff = "" if name == "srpo" or p is None else \
-            f"{100 * p['difference']:+.1f} [{100 * p['ci95'][0]:+.1f}, {100 * p['ci95'][1]:+.1f}]"
+        diff = "" if name == "srpo" or p is None else difference_cell(p)
         cells = [what, "-" if paper is None else f"{paper}", f"**{pct(c['final_accuracy'])}**", diff,
                  pct(c["first_accuracy"]), pct(c["wrong_to_right"]), pct(c["right_to_wrong"]),
                  pct(c["reflection_rate"]), f"{c['reflection']['mean_response_tokens']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    markdown = "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n"
+
+
+def ablations_table(args: Args):
+    """ablations_markdown, printed and written to ablations.md in --ablations. Returns the Markdown."""
+    markdown = ablations_markdown(args)
     with open(os.path.join(args.ablations, "ablations.md"), "w") as f:
         f.write(markdown)
     print(markdown + f"\n-> {os.path.join(args.ablations, 'ablations.md')}")
@@ -297,15 +305,12 @@ def seeds_table(args: Args):
     head = [h for h in head if h]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
 
-    def diff(p):
-        return "-" if p is None else f"{100 * p['difference']:+.1f} [{100 * p['ci95'][0]:+.1f}, {100 * p['ci95'][1]:+.1f}]"
-
     for comp, rows in zip(comparisons, items):
         seed = comp[models[0]]["args"]["seed"]
         cells = [str(seed), str(comp[models[0]]["n"]), *[pct(comp[m]["final_accuracy"]) for m in models]]
         if "srpo" in models:
             cells.append(f"{pct(comp['srpo']['wrong_to_right'])} / {pct(comp['srpo']['right_to_wrong'])}")
-        cells += [diff(paired_difference(rows[a], rows[b])) for a, b in pairs]
+        cells += [difference_cell(paired_difference(rows[a], rows[b])) for a, b in pairs]
         lines.append("| " + " | ".join(cells) + " |")
     pooled = {m: [r for rows in items for r in rows[m]] for m in models}
     n = len(pooled[models[0]])
@@ -315,7 +320,7 @@ def seeds_table(args: Args):
         w2r = sum(not r["first_correct"] and r["correct"] for r in s) / max(1, len(s))
         r2w = sum(r["first_correct"] and not r["correct"] for r in s) / max(1, len(s))
         cells.append(f"{pct(w2r)} / {pct(r2w)}")
-    cells += [diff(paired_difference(pooled[a], pooled[b])) for a, b in pairs]
+    cells += [difference_cell(paired_difference(pooled[a], pooled[b])) for a, b in pairs]
     lines.append("| " + " | ".join(cells) + " |")
     gauged = [m for m in models if all(comp[m].get("headroom") for comp in comparisons)]
     if gauged:  # 04 --samples k: the headroom of each model on each seed (final answer)

@@ -181,7 +181,7 @@ def pick_tokens(logits, bias, temperature, top_p, want_logprobs):
 
 def repeated_rows(batch, vision_start_id):
     """(first, inverse): the rows that start a run of identical prompts (same tokens, same images), and for
-    every row the index of its run. 03 repeats each prompt G times in a row (repeat_for_group)."""
+    every row the index of its run. 03 repeats each prompt G times in a row (dataset.repeat_for_group)."""
     ids, am = batch["input_ids"], batch["attention_mask"]
     same = ((ids[1:] == ids[:-1]) & (am[1:] == am[:-1])).all(1).tolist()
     if "pixel_values" in batch and any(same):

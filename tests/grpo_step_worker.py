@@ -40,7 +40,7 @@ def main(model_dir, out, loss_agg):
     ds = toy.toy_dataset("test", P)
     vs = processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")
     enc = dataset.encode_prompts(processor, list(ds["question"]), list(ds["image"]), dataset.SYSTEM_PROMPTS["reflect"])
-    group = grpo.repeat_for_group(enc, G, vs)
+    group = dataset.repeat_for_group(enc, G, vs)
     comp = torch.randint(100, 600, (P * G, T), generator=g)
     lengths = torch.randint(1, T + 1, (P * G,), generator=g)
     mask = (torch.arange(T)[None] < lengths[:, None]).float()

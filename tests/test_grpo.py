@@ -49,7 +49,7 @@ def _rollout(model_dir, G=2, n=3, T=1.0, max_new_tokens=24):
     vs = proc.tokenizer.convert_tokens_to_ids("<|vision_start|>")
     enc = dataset.encode_prompts(proc, list(ds["question"]), list(ds["image"]), dataset.SYSTEM_PROMPTS["plain"])
     enc = {k: v.to(model.device) for k, v in enc.items()}  # as 03 does (a GPU machine runs these too)
-    group = grpo.repeat_for_group(enc, G, vs)
+    group = dataset.repeat_for_group(enc, G, vs)
     torch.manual_seed(0)
     model.eval()
     comp, mask, texts = rollout.generate(model, proc, group, max_new_tokens=max_new_tokens, temperature=T)
@@ -61,7 +61,7 @@ def test_repeat_for_group_repeats_images(tiny_model_dir):
     ds = toy.toy_dataset("test", 3)
     enc = dataset.encode_prompts(proc, list(ds["question"]), list(ds["image"]), "sys")
     vs = proc.tokenizer.convert_tokens_to_ids("<|vision_start|>")
-    g = grpo.repeat_for_group(enc, 4, vs)
+    g = dataset.repeat_for_group(enc, 4, vs)
     assert g["input_ids"].shape[0] == 12 and g["image_grid_thw"].shape[0] == 12
     per = enc["image_grid_thw"][0].prod().item()
     for i in range(12):  # row i's patches are prompt (i // 4)'s patches

@@ -93,7 +93,7 @@ def test_repeated_prompts_share_one_prefill_and_still_equal_generate(base):
     images = list(ds["image"])
     images[1] = images[0].copy()  # same picture, other question: still a different prompt
     enc = dataset.encode_prompts(proc, list(ds["question"]), images, PLAIN)
-    group = grpo.repeat_for_group(enc, 4, vs)
+    group = dataset.repeat_for_group(enc, 4, vs)
     first, inverse = rollout.repeated_rows(group, vs)
     assert first == [0, 4, 8] and inverse.tolist() == [0] * 4 + [1] * 4 + [2] * 4
     # A different picture behind the same tokens is a different prompt.
