@@ -16,11 +16,11 @@ Two-step task (`--data toy`, the default): the base model learns three things, i
   written to eval.json) measures, on this model alone, whether a step-by-step second look can beat
   its first: G1 first answers right; G2 wrong first answers that read n right; G3 the check asked as
   its own task; G4 the accuracy a reflection that runs the check would reach.
-  The demo does not run this: the result is shipped in models/toy_base (`make base` rebuilds it, as
+  The demo does not run this: the result is shipped in toy/base_model (`make base` rebuilds it, as
   downloading Qwen2.5-VL-7B-Instruct would be the real-scale step).
 Dots task (`--data toy-dots`, the contrast): plain chain of thought on the dot charts, 400 steps.
 
-    python 00_base_model.py                      # -> models/toy_base, ~7 minutes on 2 CPU cores
+    python 00_base_model.py                      # -> toy/base_model, ~7 minutes on 2 CPU cores
     python 00_base_model.py --data toy-dots      # -> runs/toy-dots/base, ~3.5 minutes
 
 Writes the model, tokenizer and processor (safetensors + configs, loadable with
@@ -37,14 +37,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-import cli
-import dataset
-import evaluation
-import grading
-import policy
-import rollout
+from machinery import cli, dataset, grading, policy, rollout, scoring
 import toy
-import training
+from machinery import training
 
 
 @dataclass
@@ -54,7 +49,7 @@ class Args:
     data: str = "toy"
     """toy task: 'toy' (the two-step task) or 'toy-dots' (the dots task, the contrast)"""
     out_dir: str = ""
-    """where the base model is saved ('' = models/toy_base for toy, runs/toy-dots/base for toy-dots)"""
+    """where the base model is saved ('' = toy/base_model for toy, runs/toy-dots/base for toy-dots)"""
     seed: int = 0
     """random seed (weights, data order)"""
     steps: int = 0
@@ -82,7 +77,7 @@ class Args:
 
 
 DEFAULT_STEPS = {"toy": 2000, "toy-dots": 400}
-DEFAULT_OUT = {"toy": "models/toy_base", "toy-dots": "runs/toy-dots/base"}
+DEFAULT_OUT = {"toy": "toy/base_model", "toy-dots": "runs/toy-dots/base"}
 DEFAULT_EVAL = {"toy": 1000, "toy-dots": 300}
 
 
@@ -197,7 +192,7 @@ def main(args: Args):
     train_s = time.time() - t0
 
     policy.save_model(model, processor, out_dir)
-    summary, _ = evaluation.check_toy(model, processor, n=eval_size, prompt="plain", max_new_tokens=48)
+    summary, _ = scoring.check_toy(model, processor, n=eval_size, prompt="plain", max_new_tokens=48)
     acc = {**{f: c["final_acc"] / 100 for f, c in summary["categories"].items()},
            "all": summary["overall"]["final_acc"] / 100}
     result = {"task": task, "accuracy": acc, "parameters": n_params, "build_seconds": round(train_s, 1),

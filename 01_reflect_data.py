@@ -9,7 +9,7 @@ reflection on each. One SFT sample (paper's layout; no second <think>):
     assistant: <think>{policy CoT}</think>\\n<answer>{policy answer}</answer>\\n
                <reflection>{teacher reflection}</reflection>\\n<answer>{gold}</answer>     (one string)
 
-Toy (the defaults; ~20 s on 2 CPU cores; the policy is the shipped toy base, models/toy_base):
+Toy (the defaults; ~20 s on 2 CPU cores; the policy is the shipped toy base, toy/base_model):
 
     python 01_reflect_data.py          # -> runs/toy/reflect/: sft_reflect.jsonl, sft_cot.jsonl,
                                        #    sft_scratchpad.jsonl, images/, stats.json
@@ -67,12 +67,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-import cli
-import rollout
-import dataset
-import grading
-import llm_client
-import policy
+from machinery import cli, dataset, grading, llm_client, policy, rollout
 import toy
 
 
@@ -81,7 +76,7 @@ class Args(dataset.DataArgs):
     """Stage 1a: policy answers -> 30/70 right/wrong selection -> teacher reflections -> SFT JSONL. Resume
     after a crash or Ctrl-C: rerun the same command (finished answers and reflections are kept)."""
 
-    model: str = "models/toy_base"
+    model: str = "toy/base_model"
     """policy model: local dir, LoRA output dir or hub id (toy: the shipped base; toy-dots: runs/toy-dots/base)"""
     pool_size: int = 2400
     """problems the policy answers, a seeded sample of the data (the paper: ~100K); 0 = all"""

@@ -12,7 +12,7 @@ projector stay frozen, AdamW with a cosine schedule and 10% warm-up, gradient cl
 gradient accumulation, 3 epochs (the released config; the paper's text says 1: `--epochs 1`).
 
 Reads   --data  runs/toy/reflect/sft_reflect.jsonl (image paths relative to its folder)
-        --model models/toy_base (the shipped toy base; a local directory or hub id; a LoRA output directory works too)
+        --model toy/base_model (the shipped toy base; a local directory or hub id; a LoRA output directory works too)
 Writes  --out_dir runs/toy/sft/
         the model (safetensors + processor; LoRA: the adapter, and `merged/` with --merge_lora),
         metrics.jsonl (one row per optimizer step), loss.png, sft_summary.json (run facts and the
@@ -71,11 +71,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-import cli
-import dataset
-import evaluation
-import policy
-import training
+from machinery import cli, dataset, policy, scoring, training
 
 
 @dataclass
@@ -85,7 +81,7 @@ class Args(training.TrainArgs):
 
     data: str = "runs/toy/reflect/sft_reflect.jsonl"
     """SFT JSONL from 01 (sft_reflect.jsonl; sft_cot.jsonl for the plain-CoT ablation)"""
-    model: str = "models/toy_base"
+    model: str = "toy/base_model"
     """policy to fine-tune: local directory or hub id (e.g. Qwen/Qwen2.5-VL-7B-Instruct)"""
     out_dir: str = "runs/toy/sft"
     """where the model, metrics.jsonl, loss.png and checkpoint/ go"""
@@ -249,7 +245,7 @@ def sft_step(model, accelerator, optimizer, scheduler, batches, args):
 
 
 # ----------------------------------------------------------------------------------------------
-# Before/after check on toy test problems (evaluation.check_toy: 04_eval.py's rules)
+# Before/after check on toy test problems (scoring.check_toy: 04_eval.py's rules)
 
 
 def toy_check(model, processor, args, style, when):
@@ -260,7 +256,7 @@ def toy_check(model, processor, args, style, when):
     checks = [(when, style)] + ([("before_plain", "plain")] if when == "before" and style != "plain" else [])
     out = {}
     for key, prompt in checks:
-        out[key], rows = evaluation.check_toy(model, processor, n=args.eval_size, prompt=prompt,
+        out[key], rows = scoring.check_toy(model, processor, n=args.eval_size, prompt=prompt,
                                               max_new_tokens=args.eval_max_new_tokens,
                                               batch_size=args.eval_batch_size, desc=f"eval {key}")
         if key == when:

@@ -33,12 +33,9 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-import cli
-import rollout
-import dataset
-import policy
+from machinery import cli, dataset, policy, rollout
 import rewards
-import training
+from machinery import training
 
 
 @dataclass

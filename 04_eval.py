@@ -9,13 +9,13 @@ once. A reflective response reads
 and we score the LAST answer A2 (the authors' scripts scored A1, the pre-reflection one). A1 is
 scored too, so we can see what the reflection did: wrong->right, right->wrong, and at what length.
 
-`evaluation.score(benchmark, item, response)` picks the answer texts (grading.py) and hands them to the
+`scoring.score(benchmark, item, response)` picks the answer texts (grading.py) and hands them to the
 benchmark's own rules (benchmarks.py: the items and a port of each official scorer). With
 --judge_base_url an OpenAI-compatible model extracts the answers first, as the authors did with
 GPT-4o; the rules still decide.
 
     python 04_eval.py                                    # toy test split, runs/toy/srpo (~20 s, 2 CPU cores)
-    python 04_eval.py --models base=models/toy_base@plain,sft=runs/toy/sft,srpo=runs/toy/srpo,grpo=runs/toy/grpo@plain
+    python 04_eval.py --models base=toy/base_model@plain,sft=runs/toy/sft,srpo=runs/toy/srpo,grpo=runs/toy/grpo@plain
                                                          # what `make demo` compares
     python 04_eval.py --benchmark toy-dots --models base=runs/toy-dots/base@plain,srpo=runs/toy-dots/srpo
     # A local copy of a real benchmark (here MathVision's GitHub release: testmini.jsonl + images/).
@@ -37,14 +37,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-import benchmarks
-import cli
-import dataset
-import evaluation
-import llm_client
-import policy
+from machinery import benchmarks, cli, dataset, llm_client, policy, scoring
 import report
-import rollout
+from machinery import rollout
 
 
 @dataclass
@@ -82,7 +77,7 @@ class Args:
     """load the model in nf4 (bitsandbytes) to fit a small GPU"""
     samples: int = 0
     """the headroom gauge: also sample this many answers per item at --sample_temperature and report pass@1,
-    pass@k and the reachable and fragile shares (evaluation.headroom; 16 is a good k); 0 = greedy only"""
+    pass@k and the reachable and fragile shares (scoring.headroom; 16 is a good k); 0 = greedy only"""
     sample_temperature: float = 1.0
     """temperature of those samples (GRPO samples at 1.0)"""
     judge_base_url: str = ""
@@ -153,7 +148,7 @@ def evaluate(items, generate, out_path, *, benchmark, batch_size=8, extract=None
                 failure = f"{type(response).__name__}: {response}"
                 _write_error(out_path, item, f"item {item['_id']}: generation failed: {failure}")
             else:
-                dataset.append_jsonl(out_path, evaluation.make_row(benchmark, item, response, extract))
+                dataset.append_jsonl(out_path, scoring.make_row(benchmark, item, response, extract))
         bar.update(len(batch))
     bar.close()
     latest = {r["id"]: r for r in dataset.read_jsonl(out_path)}  # the last row per id wins (a retried error)
@@ -242,7 +237,7 @@ def evaluate_samples(items, sample, out_path, *, benchmark, k, batch_size, seed,
             index = items.index(ready[0])  # the seed follows the item, not the position in this run
             responses = sample([it["_question"] for it in ready], images, k, seed * 1_000_003 + index)
             for item, rs in zip(ready, responses):
-                dataset.append_jsonl(out_path, evaluation.sample_row(benchmark, item, rs, extract))
+                dataset.append_jsonl(out_path, scoring.sample_row(benchmark, item, rs, extract))
         bar.update(len(todo[start:start + per_call]))
     bar.close()
     return dataset.read_jsonl(out_path)
@@ -270,7 +265,7 @@ def summary_markdown(summary, title):
               f"| {_fmt(r['mean_response_tokens'])} | {_fmt(r['mean_reflection_tokens'])} "
               f"| {summary['errors']} |"]
     if summary.get("headroom"):
-        lines += ["", evaluation.headroom_markdown({"": summary["headroom"]})]
+        lines += ["", scoring.headroom_markdown({"": summary["headroom"]})]
     return "\n".join(lines) + "\n"
 
 
@@ -304,7 +299,7 @@ def write_comparison(summaries, out_dir, title, rows=None):
                                  f"[{100 * p['ci95'][0]:+.1f}, {100 * p['ci95'][1]:+.1f}] |")
     gauges = {name: s["headroom"] for name, s in summaries.items() if s.get("headroom")}
     if gauges:
-        lines += ["", evaluation.headroom_markdown(gauges)]
+        lines += ["", scoring.headroom_markdown(gauges)]
     markdown = "\n".join(lines) + "\n"
     os.makedirs(out_dir, exist_ok=True)
     Path(out_dir, "comparison.md").write_text(markdown)
@@ -351,7 +346,7 @@ def _bar_chart(summaries, categories, path, title):
 
 
 def parse_models(spec, default_prompt="reflect"):
-    """'base=models/toy_base@plain,srpo=runs/toy/srpo' -> {"base": (path, "plain"), "srpo": (path, default)}.
+    """'base=toy/base_model@plain,srpo=runs/toy/srpo' -> {"base": (path, "plain"), "srpo": (path, default)}.
 
     A bare path is named by its folder; `@prompt` picks the model's own prompt format (a model
     trained on plain chain of thought is evaluated in that format, as the paper evaluates its baselines).
@@ -405,12 +400,12 @@ def main(args):
         rows = evaluate(items, generate, out_path, benchmark=args.benchmark, batch_size=args.batch_size,
                         extract=extract)
         # args holds judge_api_key_env, the key's variable name, never the key
-        summary = {**evaluation.summarize(rows, args.benchmark), "model": path, "folder": folder, "split": split,
+        summary = {**scoring.summarize(rows, args.benchmark), "model": path, "folder": folder, "split": split,
                    "prompt": prompt, "max_new_tokens": max_new_tokens, "args": asdict(args)}
         if args.samples:
             sampled = evaluate_samples(items, sample, samples_path, benchmark=args.benchmark, k=args.samples,
                                        batch_size=args.batch_size, seed=args.seed, extract=extract)
-            summary["headroom"] = evaluation.headroom(rows, sampled)
+            summary["headroom"] = scoring.headroom(rows, sampled)
         markdown = summary_markdown(summary, f"{run_name} · {name}")
         Path(model_dir, "summary.json").write_text(json.dumps(summary, indent=2))
         Path(model_dir, "summary.md").write_text(markdown)

@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 SEED ?= 0
-BASE ?= models/toy_base
+BASE ?= toy/base_model
 OUT ?= runs/toy
 DEMO ?= runs/demo
 # One thread per process: the paired stages below run two processes at once; a stage that runs
@@ -63,7 +63,7 @@ demo: $(VENV)/.installed
 	@echo "comparison: $(DEMO)/comparison.md .json .png; one page: $(DEMO)/report.html"
 
 # The shipped base model (the toy's stand-in for downloading Qwen2.5-VL-7B-Instruct), ~7 minutes
-# (models/toy_base/eval.json: 367 s of training on 2 CPU cores, then the gate).
+# (toy/base_model/eval.json: 367 s of training on 2 CPU cores, then the gate).
 base: $(VENV)/.installed
 	OMP_NUM_THREADS=$(THREADS) $(PY) 00_base_model.py --out_dir $(BASE)
 

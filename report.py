@@ -22,10 +22,7 @@ import os
 import re
 from dataclasses import dataclass
 
-import cli
-import dataset
-import evaluation
-import policy
+from machinery import cli, dataset, policy, scoring
 import rewards
 import toy
 
@@ -166,7 +163,7 @@ def headroom_html(comparison):
     return ("<h2>Headroom</h2><p>What RL can gain: each test problem answered greedily and sampled k times at "
             "T = 1. Reachable: greedy wrong, at least 1/4 of the samples right; fragile: greedy right, fewer "
             "than half right; band: 1/4 to 3/4 right (% of problems).</p>"
-            + markdown_table_html(evaluation.headroom_markdown(gauges), "headroom"))
+            + markdown_table_html(scoring.headroom_markdown(gauges), "headroom"))
 
 
 def example_html(row, count_tokens):

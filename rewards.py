@@ -48,7 +48,7 @@ import functools
 import math
 import re
 
-import grading
+from machinery import grading
 
 FORMAT_REWARD = 0.5  # R_format, Eq. (5)
 ACCURACY_REWARD = 0.5  # R_accuracy for a right first answer, Eq. (5)

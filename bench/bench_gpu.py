@@ -41,10 +41,7 @@ import torch
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 sys.path.insert(0, HERE)
 
-import cli  # noqa: E402 (the repository's modules, after the path)
-import dataset  # noqa: E402
-import policy  # noqa: E402
-import rollout  # noqa: E402
+from machinery import cli, dataset, policy, rollout  # noqa: E402 (the repository's modules, after the path)
 import toy  # noqa: E402
 
 # name: (prompts per step, steps, gradient checkpointing, seconds left needed to start it)

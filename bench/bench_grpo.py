@@ -31,7 +31,7 @@ sys.argv = ["03_grpo.py"] + json.loads(sys.argv[1])
 import importlib.util
 spec = importlib.util.spec_from_file_location("grpo", "03_grpo.py")
 grpo = importlib.util.module_from_spec(spec); sys.modules["grpo"] = grpo; spec.loader.exec_module(grpo)
-import cli
+from machinery import cli
 rows = grpo.main(cli.parse_args(grpo.Args))["metrics"]
 peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print("BENCH " + json.dumps({"rows": rows, "peak_mib": peak}))

@@ -29,7 +29,7 @@ sys.argv = ["03_grpo.py"] + json.loads(sys.argv[1])
 import importlib.util
 spec = importlib.util.spec_from_file_location("grpo", "03_grpo.py")
 grpo = importlib.util.module_from_spec(spec); sys.modules["grpo"] = grpo; spec.loader.exec_module(grpo)
-import cli
+from machinery import cli
 rows = grpo.main(cli.parse_args(grpo.Args))["metrics"]
 print("BENCH " + json.dumps({"rows": rows, "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
 """
@@ -41,7 +41,7 @@ def build(model_dir, vocab_size):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     import bench_gpu
-    import dataset
+    from machinery import dataset
     import toy
 
     tok = toy.build_tokenizer(extra_texts=list(dataset.SYSTEM_PROMPTS.values()))

@@ -15,9 +15,9 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import bench_gpu  # noqa: E402
-import policy  # noqa: E402
+from machinery import policy  # noqa: E402
 import toy  # noqa: E402
-import training  # noqa: E402
+from machinery import training  # noqa: E402
 
 # Qwen2.5-VL-32B-Instruct's text model (its config.json); the vision tower is 7B's with a wider merger.
 SIZES_32B = dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,

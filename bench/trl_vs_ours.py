@@ -18,7 +18,7 @@ missing (TRL's other dependencies are already in the venv, so --no-deps leaves t
 by hand:
     .venv/bin/pip install --target .bench/trl --no-deps trl==1.16.0
 
-Examples (defaults: models/toy_base, 4 prompts x G=8, lengths 64 and 128, 4 steps, 1 thread):
+Examples (defaults: toy/base_model, 4 prompts x G=8, lengths 64 and 128, 4 steps, 1 thread):
     python bench/trl_vs_ours.py
     python bench/trl_vs_ours.py --lengths 128 --lora_r 16 --kl_coef 0.04 --ours_args "--rollout hf"
 """
@@ -52,7 +52,7 @@ def main():
         pass
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
-    p.add_argument("--model", default="models/toy_base", help="policy both trainers start from")
+    p.add_argument("--model", default="toy/base_model", help="policy both trainers start from")
     p.add_argument("--lengths", default="64,128", help="forced response lengths in tokens, comma-separated")
     p.add_argument("--group_size", type=int, default=8, help="G, responses per prompt")
     p.add_argument("--prompts_per_step", type=int, default=4, help="prompts per GRPO step (x G sequences)")
@@ -202,7 +202,7 @@ def report(rows, settings, counts, **extra):
 
 
 def ours_child(cfg):
-    import cli
+    from machinery import cli
 
     counts = count_optimized_params()
     grpo = load_grpo()
@@ -238,11 +238,9 @@ def trl_child(cfg):
     from transformers import ProcessorMixin, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    import cli
-    import dataset
-    import policy
+    from machinery import cli, dataset, policy
     import rewards
-    import rollout
+    from machinery import rollout
 
     class ToyProcessorForTRL(ProcessorMixin):
         """toy.ToyProcessor as TRL's GRPOTrainer needs a processor to be. Why an adapter:

@@ -34,10 +34,7 @@ from dataclasses import dataclass
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-import cli  # noqa: E402
-import rollout
-import dataset
-import policy
+from machinery import cli, dataset, policy, rollout  # noqa: E402
 import toy
 
 READ_RE = re.compile(r"\b(red|green|blue): (\d+)\.")

@@ -28,7 +28,7 @@ def load_script(name):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """An untrained tiny Qwen2.5-VL + toy processor saved with save_pretrained (a real checkpoint layout)."""
-    import dataset
+    from machinery import dataset
     import toy
 
     path = tmp_path_factory.mktemp("tiny") / "model"

@@ -15,9 +15,9 @@ from safetensors.torch import save_file
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import dataset  # noqa: E402
+from machinery import dataset  # noqa: E402
 import toy  # noqa: E402
-import training  # noqa: E402
+from machinery import training  # noqa: E402
 from conftest import load_script  # noqa: E402
 
 P, G, T = 6, 2, 7

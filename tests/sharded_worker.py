@@ -16,10 +16,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import dataset  # noqa: E402
-import rollout  # noqa: E402
+from machinery import dataset, rollout  # noqa: E402
 import toy  # noqa: E402
-import training  # noqa: E402
+from machinery import training  # noqa: E402
 
 
 def partitioned(model):

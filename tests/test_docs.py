@@ -10,7 +10,7 @@ import shlex
 import pytest
 from conftest import ROOT, load_script
 
-import cli
+from machinery import cli
 
 SCRIPTS = ["00_base_model", "01_reflect_data", "02_sft", "03_grpo", "04_eval"]
 DOCS = ["README.md", "EXERCISES.md", "RESULTS.md", *[os.path.relpath(p, ROOT) for p in glob.glob(
@@ -55,21 +55,30 @@ def test_documented_commands_parse_with_the_scripts_flags():
             pytest.fail(f"{where}: `{script}.py {' '.join(argv)}` does not parse")
 
 
+def _module_paths(module):
+    """Where `module.symbol` in a document can live: a root script, the machinery, or the toy world."""
+    if module == "toy":
+        return [os.path.join(ROOT, "toy", "world.py"), os.path.join(ROOT, "toy", "model.py")]
+    return [os.path.join(ROOT, module + ".py"), os.path.join(ROOT, "machinery", module + ".py")]
+
+
 def test_exercises_name_files_and_symbols_that_exist():
     text = open(os.path.join(ROOT, "EXERCISES.md")).read()
     for ref in set(re.findall(r"`([\w/.]+\.(?:py|md|json|png|jsonl))`", text)):
         if not ref.startswith("runs/") and (ref.endswith((".py", ".md")) or "/" in ref):  # not a run's outputs
             assert os.path.exists(os.path.join(ROOT, ref)), ref
     for module, symbol in set(re.findall(r"`(\w+)\.(\w+)`", text)):
-        path = os.path.join(ROOT, module + ".py")
-        if os.path.exists(path) and symbol not in ("py", "md"):
-            tree = ast.parse(open(path).read())
-            names = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))} | \
-                {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+        paths = [p for p in _module_paths(module) if os.path.exists(p)]
+        if paths and symbol not in ("py", "md"):
+            names = set()
+            for path in paths:
+                tree = ast.parse(open(path).read())
+                names |= {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))} | \
+                    {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
             assert symbol in names, f"EXERCISES names {module}.{symbol}"
     # exercise 9 edits the re-read out of the toy teacher's check: the text it names is there
-    source = ast.get_source_segment(open(os.path.join(ROOT, "toy.py")).read(), next(
-        n for n in ast.parse(open(os.path.join(ROOT, "toy.py")).read()).body
+    source = ast.get_source_segment(open(os.path.join(ROOT, "toy", "world.py")).read(), next(
+        n for n in ast.parse(open(os.path.join(ROOT, "toy", "world.py")).read()).body
         if isinstance(n, ast.FunctionDef) and n.name == "oracle_reflection"))
     assert "{colour}: {n}." in source
 

@@ -17,9 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-import benchmarks
-import dataset
-import evaluation
+from machinery import benchmarks, dataset, scoring
 
 ev = load_script("04_eval")
 SHARED_MATHVISION = Path(SHARED_DATA) / "mathvision_testmini"
@@ -32,7 +30,7 @@ def reflective(first, final, reflection="Let me check the reading of the figure 
 
 
 def right(benchmark, item, response):
-    return evaluation.score(benchmark, item, response)["correct"]
+    return scoring.score(benchmark, item, response)["correct"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,7 +79,7 @@ def test_mathvista_multiple_choice_maps_letters_and_option_texts():
     yes_no = vista("Yes", "text", choices=["Yes", "No"])
     assert right("mathvista", yes_no, reflective("No", "Yes"))
     # anything else goes to the closest option by edit distance, as the official scorer does
-    assert evaluation.score("mathvista", vista("6cm", "text", choices=["6cm", "7cm", "4cm", "5cm"]),
+    assert scoring.score("mathvista", vista("6cm", "text", choices=["6cm", "7cm", "4cm", "5cm"]),
                     reflective("7", "6 cm"))["extracted"] == "6cm"
 
 
@@ -181,7 +179,7 @@ def test_mmmu_pro_answer_line_and_parenthesised_letters():
 
 def test_mmmu_pro_no_answer_is_not_a_random_letter():
     for response in ["The picture is too blurry to tell.", "", reflective("x", "none")]:
-        s = evaluation.score("mmmu_pro", mmmu(), response)
+        s = scoring.score("mmmu_pro", mmmu(), response)
         assert s["extracted"] == "" and not s["correct"]
     # "Because" names no B
     assert benchmarks.mmmu_parse_choice("Because the mass is unknown", list("ABCD"), {}) == ""
@@ -211,11 +209,11 @@ def test_toy_scores_numbers_and_letters():
     ("mmmu_pro", mmmu("C"), "Answer: C", "Answer: B"),
 ])
 def test_the_last_answer_is_scored_not_the_first(benchmark, item, good, bad):
-    fixed = evaluation.score(benchmark, item, reflective(bad, good))
+    fixed = scoring.score(benchmark, item, reflective(bad, good))
     assert fixed["correct"] and not fixed["first_correct"] and fixed["has_reflection"]
-    broken = evaluation.score(benchmark, item, reflective(good, bad))
+    broken = scoring.score(benchmark, item, reflective(good, bad))
     assert not broken["correct"] and broken["first_correct"]
-    single = evaluation.score(benchmark, item, f"<think>Reading the figure.</think> <answer>{good}</answer>")
+    single = scoring.score(benchmark, item, f"<think>Reading the figure.</think> <answer>{good}</answer>")
     assert single["correct"] and single["first_correct"] and not single["has_reflection"]
 
 
@@ -234,18 +232,18 @@ def row(category, first, final, reflection=True, error=None):
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.tuples(st.booleans(), st.booleans(), st.booleans()), min_size=1, max_size=40))
 def test_summary_rates_add_up(outcomes):
-    s = evaluation.summarize([row("a", f, g, r) for f, g, r in outcomes], "toy")["reflection"]
+    s = scoring.summarize([row("a", f, g, r) for f, g, r in outcomes], "toy")["reflection"]
     # Exact before rounding; four percentages each rounded to 0.01 can end 4 x 0.005 = 0.02 apart
     # (hypothesis found n = 32: 53.125, 46.875, 34.375 and 28.125 all round by 0.005).
     assert abs(s["final_acc"] - (s["first_acc"] + s["wrong_to_right"] - s["right_to_wrong"])) <= 0.02 + 1e-9
-    assert s["final_acc"] == evaluation.summarize([row("a", f, g, r) for f, g, r in outcomes], "toy")["overall"]["final_acc"]
+    assert s["final_acc"] == scoring.summarize([row("a", f, g, r) for f, g, r in outcomes], "toy")["overall"]["final_acc"]
 
 
 def test_mathverse_overall_averages_the_five_versions_without_text_only():
     rows = [row(v, True, i < 2) for v in benchmarks.MATHVERSE_VERSIONS for i in range(4)]  # 50% each
     rows[0]["correct"] = rows[1]["correct"] = False  # Text Dominant: 0%
     rows += [row("Text Only", True, True) for _ in range(8)]
-    s = evaluation.summarize(rows, "mathverse")
+    s = scoring.summarize(rows, "mathverse")
     assert list(s["categories"]) == benchmarks.MATHVERSE_VERSIONS + ["Text Only"]
     assert s["categories"]["Text Only"]["final_acc"] == 100.0
     assert s["overall"]["final_acc"] == 40.0 and s["overall"]["n"] == 20
@@ -253,13 +251,13 @@ def test_mathverse_overall_averages_the_five_versions_without_text_only():
 
 
 def test_errors_count_as_wrong_and_are_reported():
-    s = evaluation.summarize([row("a", True, True), row("a", False, False, False, error="item 2: cannot read image")], "toy")
+    s = scoring.summarize([row("a", True, True), row("a", False, False, False, error="item 2: cannot read image")], "toy")
     assert s["errors"] == 1 and s["overall"]["final_acc"] == 50.0
 
 
 def test_comparison_writes_table_json_and_chart(tmp_path):
-    base = evaluation.summarize([row("count", False, False, False), row("add", True, True, False)], "toy")
-    srpo = evaluation.summarize([row("count", False, True), row("add", True, True)], "toy")
+    base = scoring.summarize([row("count", False, False, False), row("add", True, True, False)], "toy")
+    srpo = scoring.summarize([row("count", False, True), row("add", True, True)], "toy")
     markdown = ev.write_comparison({"base": base, "srpo": srpo}, tmp_path, "toy-test")
     assert "| srpo | **100.0** | 50.0 |" in markdown
     assert json.loads((tmp_path / "comparison.json").read_text())["base"]["overall"]["final_acc"] == 50.0
@@ -298,7 +296,7 @@ def test_bad_or_missing_images_become_error_rows_and_the_run_goes_on(tmp_path):
     assert by_id["1"]["correct"] and by_id["4"]["correct"] and by_id["1"]["error"] is None
     assert "item 2" in by_id["2"]["error"] and "missing.jpg" in by_id["2"]["error"]
     assert "item 3" in by_id["3"]["error"] and "broken.jpg" in by_id["3"]["error"]
-    assert evaluation.summarize(rows, "mathvision")["errors"] == 2
+    assert scoring.summarize(rows, "mathvision")["errors"] == 2
 
 
 def test_resume_skips_done_items_and_retries_errors(tmp_path):
@@ -415,7 +413,7 @@ def test_judge_extracts_the_answer_and_sends_the_key_only_in_the_header(monkeypa
     try:
         monkeypatch.setenv("TEST_JUDGE_KEY", "sk-secret")
         judge = ev.make_judge(f"http://127.0.0.1:{server.server_port}/v1", "judge-model", "TEST_JUDGE_KEY")
-        s = evaluation.score("mmmu_pro", mmmu("C"), "It must be the third option, the 2 kg one.", extract=judge)
+        s = scoring.score("mmmu_pro", mmmu("C"), "It must be the third option, the 2 kg one.", extract=judge)
     finally:
         server.shutdown()
     assert s["correct"] and s["extracted"] == "C"
@@ -462,7 +460,7 @@ def test_headroom_figures_from_greedy_and_sampled_answers():
             for i, (g, _) in enumerate(greedy)]
     samples = [{"id": str(i), "category": r["category"], "first_correct": [False] * 4,
                 "correct": [j < 4 * p for j in range(4)]} for i, (r, (_, p)) in enumerate(zip(rows, greedy))]
-    h = evaluation.headroom(rows, samples)
+    h = scoring.headroom(rows, samples)
     f = h["final"]
     assert h["k"] == 4 and f["n"] == 6
     assert f["greedy"] == 50.0 and f["pass@1"] == pytest.approx(100 * 2.75 / 6, abs=0.01)
@@ -473,7 +471,7 @@ def test_headroom_figures_from_greedy_and_sampled_answers():
     assert f["band"] == pytest.approx(100 * 4 / 6, abs=0.01)  # p in [1/4, 3/4]: items 1, 2, 3, 5
     assert h["first"]["greedy"] == 0.0 and h["first"]["pass@k"] == 0.0
     assert h["categories"]["a"]["final"]["n"] == 3 and h["categories"]["b"]["final"]["reachable"] == pytest.approx(33.33)
-    assert "| m | final | 50.0 | 45.8 | 83.3 | 33.3 | 33.3 | 16.7 | 66.7 |" in evaluation.headroom_markdown({"m": h})
+    assert "| m | final | 50.0 | 45.8 | 83.3 | 33.3 | 33.3 | 16.7 | 66.7 |" in scoring.headroom_markdown({"m": h})
 
 
 def test_script_samples_the_headroom_gauge_and_resumes(tiny_model, tmp_path):

@@ -10,9 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-import rollout
-import dataset
-import policy
+from machinery import dataset, policy, rollout
 import rewards
 import toy
 from conftest import ROOT, load_script

@@ -15,12 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-import cli
-import rollout
-import dataset
-import policy
+from machinery import cli, dataset, policy, rollout
 import toy
-import training
+from machinery import training
 from conftest import load_script
 
 PLAIN = dataset.SYSTEM_PROMPTS["plain"]

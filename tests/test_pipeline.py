@@ -8,7 +8,7 @@ from html.parser import HTMLParser
 
 import datasets
 
-import dataset
+from machinery import dataset
 import toy
 from conftest import load_script
 

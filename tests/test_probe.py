@@ -2,9 +2,7 @@
 
 import json
 
-import rollout
-import dataset
-import policy
+from machinery import dataset, policy, rollout
 import toy
 from conftest import load_script
 

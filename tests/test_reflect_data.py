@@ -16,8 +16,7 @@ import pytest
 import torch
 from conftest import ROOT, load_script
 
-import dataset
-import grading
+from machinery import dataset, grading
 import toy
 
 rd = load_script("01_reflect_data")

@@ -11,17 +11,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import dataset
-import policy
-import rollout
+from machinery import dataset, policy, rollout
 import toy
 from conftest import ROOT, load_script
 
 grpo = load_script("03_grpo")
-BASE = os.path.join(ROOT, "models", "toy_base")  # the shipped, trained toy base model
+BASE = os.path.join(ROOT, "toy", "base_model")  # the shipped, trained toy base model
 PLAIN = dataset.SYSTEM_PROMPTS["plain"]
 
-pytestmark = pytest.mark.skipif(not os.path.isdir(BASE), reason="needs the shipped models/toy_base")
+pytestmark = pytest.mark.skipif(not os.path.isdir(BASE), reason="needs the shipped toy/base_model")
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import rollout
-import dataset
-import policy
+from machinery import dataset, policy, rollout
 import toy
 from conftest import ROOT, load_script
 

@@ -21,8 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import dataset
-import policy
+from machinery import dataset, policy
 from conftest import ROOT
 from test_sft import make_sft_jsonl
 
@@ -33,7 +32,7 @@ RESUMED = ("zero3", "fsdp")  # the ones whose checkpoints hold shards of the wei
 KIND = {"ddp": "MULTI_CPU", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED", "fsdp": "FSDP"}
 # The shipped toy base: it answers about half of the toy problems right, so the accuracy filter keeps
 # some groups and drops others (the tiny fixture model gets none right).
-BASE = os.path.join(ROOT, "models", "toy_base")
+BASE = os.path.join(ROOT, "toy", "base_model")
 
 
 def _free_port():

@@ -1,5 +1,6 @@
-"""The layout a newcomer relies on: imports run one way (the toy world at the bottom, importing nothing
-of the project), no module imports itself back through others, and files stay readable in one sitting."""
+"""The layout a newcomer relies on: at the root the stages and the reward, the machinery in one package, the
+toy world in its own; imports run one way (root -> machinery -> toy; the toy imports nothing of the project),
+no module imports itself back through others, and files stay readable in one sitting."""
 
 import ast
 import glob
@@ -7,7 +8,24 @@ import os
 
 from conftest import ROOT
 
-MODULES = {os.path.basename(p)[:-3]: p for p in glob.glob(os.path.join(ROOT, "*.py"))}
+LAYERS = {"root": 0, "machinery": 1, "toy": 2}  # a module may import only from its own layer or below
+
+
+def _modules():
+    """{'03_grpo': path, 'machinery.rollout': path, 'toy.world': path, ...}."""
+    found = {os.path.basename(p)[:-3]: p for p in glob.glob(os.path.join(ROOT, "*.py"))}
+    for package in ("machinery", "toy"):
+        for p in glob.glob(os.path.join(ROOT, package, "*.py")):
+            name = os.path.basename(p)[:-3]
+            found[package if name == "__init__" else f"{package}.{name}"] = p
+    return found
+
+
+MODULES = _modules()
+
+
+def _layer(module):
+    return LAYERS.get(module.split(".")[0], LAYERS["root"])
 
 
 def _project_imports(path):
@@ -15,18 +33,35 @@ def _project_imports(path):
     names = set()
     for node in ast.walk(ast.parse(open(path).read())):
         if isinstance(node, ast.Import):
-            names |= {a.name.split(".")[0] for a in node.names}
+            names |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module.split(".")[0])
-    return names & set(MODULES)
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return {n for n in names if n in MODULES}
 
 
 def _graph():
     return {m: _project_imports(p) - {m} for m, p in MODULES.items()}
 
 
+def test_the_root_holds_the_stages_and_the_reward():
+    root = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "*.py")))
+    assert "rewards.py" in root
+    assert [f for f in root if f[:2].isdigit()] == ["00_base_model.py", "01_reflect_data.py", "02_sft.py",
+                                                    "03_grpo.py", "04_eval.py"]
+    assert len(root) <= 8, root
+
+
 def test_the_toy_world_imports_nothing_of_the_project():
-    assert _graph()["toy"] == set()
+    graph = _graph()
+    for m in (m for m in graph if m.split(".")[0] == "toy"):
+        assert all(n.split(".")[0] == "toy" for n in graph[m]), (m, graph[m])
+    assert graph["toy.world"] == set()
+
+
+def test_imports_run_one_way():
+    for m, imported in _graph().items():
+        upward = {n for n in imported if _layer(n) < _layer(m)}
+        assert not upward, f"{m} imports {sorted(upward)}, a layer above it"
 
 
 def test_no_import_circle():
@@ -48,9 +83,9 @@ def test_no_import_circle():
 
 
 def test_files_fit_in_one_sitting():
-    for path in MODULES.values():
+    for name, path in MODULES.items():
         n = len(open(path).read().splitlines())
-        assert n <= 600, f"{os.path.basename(path)}: {n} lines"
+        assert n <= 600, f"{name}: {n} lines"
     for doc, most in (("README.md", 200), ("RESULTS.md", 150)):
         text = open(os.path.join(ROOT, doc)).read()
         assert len(text.splitlines()) <= most, f"{doc}: {len(text.splitlines())} lines"

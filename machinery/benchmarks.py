@@ -20,8 +20,7 @@ import re
 from functools import partial
 from pathlib import Path
 
-import cli
-import grading
+from machinery import cli, grading
 
 DEFAULT_SPLITS = {"toy": "test", "toy-dots": "test", "mathvista": "testmini", "mathverse": "testmini",
                   "mathvision": "test", "mmmu_pro": "standard (10 options),vision"}

@@ -9,10 +9,7 @@ it for the base model, 02 before and after SFT, with the same rules as 04.
 
 from collections import defaultdict
 
-import benchmarks
-import dataset
-import grading
-import rollout
+from machinery import benchmarks, dataset, grading, rollout
 
 
 def score(benchmark, item, response, extract=None):

@@ -10,7 +10,7 @@ import os
 
 import torch
 
-import cli
+from machinery import cli
 
 # ----------------------------------------------------------------------------------------------
 # Prompts (paper Sec. 3.1: the reflective format; the base model answers in plain chain of thought)

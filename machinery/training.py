@@ -16,16 +16,14 @@ import shutil
 
 import torch
 
-import cli
-import dataset
-import policy
+from machinery import cli, dataset, policy
 
 
 @dataclasses.dataclass
 class TrainArgs:
     """The flags 02 and 03 share; each script sets its own defaults (the paper's, scaled to the toy)."""
 
-    model: str = "models/toy_base"
+    model: str = "toy/base_model"
     """policy to train: a local directory or hub id (e.g. Qwen/Qwen2.5-VL-7B-Instruct); a LoRA output
     directory works too"""
     out_dir: str = "runs/toy/run"

@@ -29,8 +29,7 @@ import weakref
 
 import torch
 
-import dataset
-import policy
+from machinery import dataset, policy
 
 # Cache lengths are rounded up to a multiple of this, so that prompts of slightly different lengths reuse
 # one cache and one compiled graph instead of compiling again for every new length.
