@@ -13,12 +13,13 @@ Toy (after 02, ~4-5 minutes on 2 CPU cores):
     python 03_grpo.py                                            # SRPO: runs/toy/sft -> runs/toy/srpo
     python 03_grpo.py --reward grpo --model runs/toy/sft_cot --out_dir runs/toy/grpo   # plain-GRPO baseline
     python 03_grpo.py --resume                                   # continue an interrupted run
-Real scale (Qwen2.5-VL-7B after reflection SFT, 8 GPUs; authors' settings):
-    accelerate launch --config_file configs/zero3.yaml 03_grpo.py --model runs/sft-7b \\
-        --data my-org/rl-prompts --prompts_per_step 16 --group_size 8 --max_new_tokens 2048 \\
-        --lr 1e-6 --steps 500 --temperature 1.0 --max_pixels 262144
-    (--prompts_per_step is per process: 8 x 16 = the paper's 128 prompts per rollout batch)
-One GPU, 4-bit QLoRA: python 03_grpo.py --model ... --load_in_4bit --lora_r 16
+Real scale (Qwen2.5-VL-7B after reflection SFT, 8 GPUs, ~62 GB each; the README's recipes table):
+    accelerate launch --config_file configs/zero2.yaml 03_grpo.py --model runs/real/sft \
+        --data my-org/rl-prompts --prompts_per_step 16 --max_new_tokens 2048 --lr 1e-6 --steps 500 \
+        --micro_batch 4 --gradient_checkpointing
+    (--prompts_per_step is per process: 8 processes x 16 = the paper's 128 prompts a rollout)
+One GPU, 4-bit QLoRA (~18 GB): python 03_grpo.py --model runs/real/sft --load_in_4bit --lora_r 16 \
+        --prompts_per_step 2 --micro_batch 4 --gradient_checkpointing --max_new_tokens 2048 --lr 1e-6
 
 Outputs in --out_dir: the model (safetensors; LoRA: the adapter), metrics.jsonl (one row per step),
 samples.jsonl (completions with their rewards), curves.png, checkpoint/ (for --resume).
