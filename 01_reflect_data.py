@@ -11,8 +11,10 @@ reflection on each. One SFT sample (paper's layout; no second <think>):
 
 Toy (the defaults; ~20 s on 2 CPU cores; the policy is the shipped toy base, toy/base_model):
 
-    python 01_reflect_data.py          # -> runs/toy/reflect/: sft_reflect.jsonl, sft_cot.jsonl,
-                                       #    sft_scratchpad.jsonl, images/, stats.json
+    python 01_reflect_data.py          # the paper's set -> runs/toy/reflect/: sft_reflect.jsonl,
+                                       #    sft_cot.jsonl, sft_scratchpad.jsonl, images/, stats.json
+    python 01_reflect_data.py --pool_size 3600 --direct_rows 1200   # `make demo`'s recipe (~30 s): the
+                                       #    paper's set + 1,200 right answers without a reflection
     python 01_reflect_data.py --data toy-dots --model runs/toy-dots/base --out_dir runs/toy-dots/reflect
 
 The default teacher `oracle` is a STAND-IN for the paper's o4-mini that only exists for the toy

@@ -34,10 +34,11 @@ Toy (2 CPU cores: 1-2 min for 225-450 steps, and ~20 s for the before/after chec
 
 Real scale (the paper: Qwen2.5-VL-7B-Instruct, 10K rows, lr 1e-5, 8 GPUs x 1 example x 2
 accumulation = 16 per step, bf16, DeepSpeed ZeRO-3, 4096 tokens, images <= 262,144 pixels,
-3.5 h on 8 H100). The configs/*.yaml files are documented accelerate configs:
+3.5 h on 8 H100), at the default 3 epochs of the released config (the paper's text says 1: add
+--epochs 1). The configs/*.yaml files are documented accelerate configs:
     accelerate launch --config_file configs/zero3.yaml 02_sft.py \\
         --model Qwen/Qwen2.5-VL-7B-Instruct --data runs/real/reflect/sft_reflect.jsonl \\
-        --out_dir runs/real/sft --lr 1e-5 --batch_size 16 --grad_accum 2 --epochs 1 \\
+        --out_dir runs/real/sft --lr 1e-5 --batch_size 16 --grad_accum 2 \\
         --gradient_checkpointing --save_every 200 --eval_size 0
     # 2 nodes x 8 GPUs = 16 processes: run on every node; 16 x 1 x 1 keeps 16 examples per step
     accelerate launch --config_file configs/zero3.yaml --num_machines 2 --num_processes 16 \\

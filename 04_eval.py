@@ -1,4 +1,4 @@
-"""Stage 3: evaluate policies on the paper's benchmarks (arXiv 2506.01713, experiments).
+"""Evaluation (after stage 2): score policies on the paper's benchmarks (arXiv 2506.01713, Sec. 4).
 
 The paper reports MathVista testmini, MathVerse testmini, MathVision test and MMMU-Pro, answered
 greedily with up to 4096 new tokens; the toy tasks stand in for them here. Each item is answered
@@ -9,8 +9,8 @@ once. A reflective response reads
 and we score the LAST answer A2 (the authors' scripts scored A1, the pre-reflection one). A1 is
 scored too, so we can see what the reflection did: wrong->right, right->wrong, and at what length.
 
-`scoring.score(benchmark, item, response)` picks the answer texts (grading.py) and hands them to the
-benchmark's own rules (benchmarks.py: the items and a port of each official scorer). With
+`scoring.score(benchmark, item, response)` picks the answer texts (machinery/grading.py) and hands them to the
+benchmark's own rules (machinery/benchmarks.py: the items and a port of each official scorer). With
 --judge_base_url an OpenAI-compatible model extracts the answers first, as the authors did with
 GPT-4o; the rules still decide.
 

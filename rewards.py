@@ -40,7 +40,7 @@ variant="released": what the authors' code (SRPO_MLLMs, openrlhf srpo_reward_fun
 variant="grpo": the plain-GRPO baseline, <think>..</think><answer>..</answer>:
     accuracy 1.0 (final answer right) + format 0.5. Totals in [0, 1.5].
 
-Responses are parsed and answers graded by grading.py (parse_response, first_answer,
+Responses are parsed and answers graded by machinery/grading.py (parse_response, first_answer,
 extract_answer, is_correct), the same functions 01 and 04 use.
 """
 

@@ -1,4 +1,4 @@
-"""Tests for 04_eval.py and evaluation.py: every benchmark's scoring rules on real-looking responses and real answer
+"""Tests for 04_eval.py and machinery/scoring.py: every benchmark's scoring rules on real-looking responses and real answer
 formats, the last-answer rule, the summary's reflection metrics, resume, per-item errors, the judge,
 and smoke runs of the script with a tiny random toy model (toy split and real MathVision images)."""
 

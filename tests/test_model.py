@@ -1,4 +1,4 @@
-"""The model plumbing (policy.py, dataset.py, training.py) on the real tiny Qwen2.5-VL: saving and loading, the processor,
+"""The model plumbing (machinery: policy.py, dataset.py, training.py) on the real tiny Qwen2.5-VL: saving and loading, the processor,
 batched generation, the SFT forward/backward, 4-bit + LoRA on CPU, the CLI and stage 0's outputs.
 
 No mocks: every test runs the real transformers/peft/bitsandbytes code on the toy checkpoints from

@@ -1,4 +1,4 @@
-"""Unit and property tests for grading.py (parsing, grading) and rewards.py (the three reward variants)."""
+"""Unit and property tests for machinery/grading.py (parsing, grading) and rewards.py (the three reward variants)."""
 
 import json
 import math

@@ -1,4 +1,4 @@
-"""rollout.py, the static-KV-cache decoding loop, against rollout.generate (transformers' generate) on the
+"""machinery/rollout.py, the static-KV-cache decoding loop, against rollout.generate (transformers' generate) on the
 real toy Qwen2.5-VL: greedy token for token (images, left padding, early EOS, min_new_tokens, suppressed
 vision tokens, repeated prompts, eager attention, 4-bit + LoRA, the step traced as one graph), sampling
 from softmax(logits / T) with top-p (log-probs against a teacher-forced pass, frequencies against the

@@ -1,4 +1,4 @@
-"""The toy world (toy.py): problems are deterministic, the pictures agree with the answers, the splits
+"""The toy world (toy/world.py, toy/model.py): problems are deterministic, the pictures agree with the answers, the splits
 never overlap, and the toy teacher writes what the task's reflection should say. The dots task
 ("toy-dots", the contrast) first, then the two-step task ("toy", the default).
 

@@ -90,7 +90,7 @@ class ToyProcessor:
     `image_grid_thw` (one row per image) and `mm_token_type_ids` (1 at image tokens), without which
     transformers 5 silently falls back to 1-D positions instead of Qwen's 3-D M-RoPE.
     `task` is the toy task the model was built for ('toy' or 'toy-dots'), saved with it, so that
-    quick checks of a toy model (evaluation.check_toy) ask it the right kind of problem.
+    quick checks of a toy model (machinery/scoring.py: check_toy) ask it the right kind of problem.
     """
 
     def __init__(self, tokenizer, image_processor, task="toy"):

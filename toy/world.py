@@ -1,4 +1,4 @@
-"""The embedded toy world: visual math problems, a tiny Qwen2.5-VL and its tokenizer/processor.
+"""The toy world's problems: visual math with gold answers and solutions, and the toy's teacher.
 
 Nothing can be downloaded on a classroom laptop or in CI, so every script's defaults run on this.
 Two tasks (`--data toy` / `--data toy-dots`, `04_eval.py --benchmark toy` / `toy-dots`):
@@ -7,22 +7,22 @@ Two tasks (`--data toy` / `--data toy-dots`, `04_eval.py --benchmark toy` / `toy
   which the model reads almost perfectly) and a question with two steps of arithmetic on n, e.g.
   "What is blue x 7 + 3?". The base model's first attempt reads n and writes the result in one step
   ("blue: 5. 5 x 7 + 3 = 38."), which it often gets wrong; the same model asked to check it step by
-  step ("5 x 7 = 35. 35 + 3 = 38.") is right far more often. So a reflection that re-does the
+  step ("blue: 5. 5 x 7 = 35. 35 + 3 = 38.": n read again, then one operation at a time) is right far
+  more often. The re-read matters: reflection SFT on checks without it reached 15% on a test it
+  reached 80.5% on with it (docs/notebook.md). So a reflection that re-does the
   arithmetic step by step can fix wrong answers without breaking right ones: a second look that is
   better than the first, the property SRPO needs.
 * `toy-dots`, the contrast: dot charts with two or three colours and a bar chart (count, add,
   subtract, compare, tallest bar). Its errors are misreads of the image, and a second look at the
   image is the same glance as the first, so there a reflection breaks about as many answers as it
-  fixes (README, results).
+  fixes (RESULTS.md, the contrast).
 
 * `make_problem(seed, task)`  - a deterministic problem: a 112x112 RGB image, a question, a gold
   answer, options for multiple choice, and a structured solution (the values read off the image,
   the operation and, for `toy`, the constants).
 * `toy_dataset(split, n, seed, task)` - a `datasets.Dataset` of such problems; train and test never
   share a seed.
-* `build_tokenizer()`, `ToyProcessor`, `build_tiny_model()` - a byte-level BPE tokenizer trained
-  here, a processor that produces exactly the official Qwen2.5-VL processor's tensors, and a
-  ~1M-parameter `Qwen2_5_VLForConditionalGeneration` (the real architecture, just small).
+* The tokenizer, `ToyProcessor` and the tiny Qwen2.5-VL are in toy/model.py.
 * `oracle_reflection(...)` - the toy stand-in for the paper's teacher (o4-mini). On `toy` it writes
   the check procedure from the image and the first attempt alone; on `toy-dots` it names the first
   wrong step from the structured solution.
