@@ -97,7 +97,7 @@ ablations: $(VENV)/.installed
 		( $(RL) --model $(BASE) --out_dir $(ABL)/no_sft && \
 		  $(RL) --model $(OUT)/sft --out_dir $(ABL)/no_ieff --no-use_effectiveness && \
 		  $(RL) --model $(OUT)/sft --out_dir $(ABL)/no_acc --no-use_accuracy && \
-		  $(RL) --model $(OUT)/sft --out_dir $(ABL)/sft_grpo --reward grpo --system_prompt reflect && \
+		  $(RL) --model $(OUT)/sft --out_dir $(ABL)/sft_grpo --reward final && \
 		  $(RL) --model $(BASE) --out_dir $(ABL)/base_grpo --reward grpo ),\
 		$(PY) 02_sft.py --model $(BASE) --data $(OUT)/reflect/sft_scratchpad.jsonl --out_dir $(ABL)/sft_scratchpad --seed $(SEED) $(SFT_ARGS) && \
 		$(RL) --model $(ABL)/sft_scratchpad --out_dir $(ABL)/scratchpad --reward grpo && \

@@ -40,6 +40,13 @@ variant="released": what the authors' code (SRPO_MLLMs, openrlhf srpo_reward_fun
 variant="grpo": the plain-GRPO baseline, <think>..</think><answer>..</answer>:
     accuracy 1.0 (final answer right) + format 0.5. Totals in [0, 1.5].
 
+variant="final": RL on the final answer alone, for a policy that answers in the reflective layout (the
+    ablation "reflection SFT + RL on the final answer"): accuracy 1.0 when the LAST answer is right +
+    R_format 0.5 on the paper variant's layout; no I_eff, no I_ref, no f_len, and nothing for the first
+    answer. So it differs from "paper" only by dropping the reflection terms, and from "grpo" only by the
+    layout its format term asks for: "grpo" under the reflective prompt would pay 0.5 less to every
+    response that reflects. Totals in [0, 1.5].
+
 Responses are parsed and answers graded by machinery/grading.py (parse_response, first_answer,
 extract_answer, is_correct), the same functions 01 and 04 use.
 """
@@ -58,7 +65,7 @@ EFFECTIVENESS = {(True, True): 0.25, (False, True): 0.5, (True, False): -0.25, (
 # released code: accuracy folds I_eff in; (first right, last right) -> accuracy
 RELEASED_ACCURACY = {(True, True): 0.75, (False, True): 1.0, (True, False): 0.25, (False, False): 0.0}
 GRPO_ACCURACY = 1.0
-VARIANTS = ("paper", "released", "grpo")
+VARIANTS = ("paper", "released", "grpo", "final")
 PAPER_LAYOUTS = (("think", "answer", "reflection", "think", "answer"),  # RL prompt's layout
                  ("think", "answer", "reflection", "answer"))  # SFT targets' layout
 REWARD_KEYS = (
@@ -100,6 +107,12 @@ def _first_solution_len(p, count_tokens):
     return count_tokens(p["think1"] or "") + count_tokens(p["answer1"] or "")
 
 
+def paper_format(p) -> float:
+    """R_format (Eq. 5) of a parsed response: the paper variant's layout (see paper_reward), blocks non-empty."""
+    return FORMAT_REWARD if p["layout"] in PAPER_LAYOUTS and all(
+        p[k] for k in ("think1", "answer1", "reflection", "answer2")) and p["think2"] != "" else 0.0
+
+
 def paper_reward(response, gold, *, count_tokens=None, alpha=0.1, use_length=True,
                  use_effectiveness=True, use_accuracy=True, use_reflection_format=True, choices=None) -> dict:
     """SRPO reward as written in the paper, Eqs. (4)-(8); see the table at the top of the module.
@@ -130,8 +143,7 @@ def paper_reward(response, gold, *, count_tokens=None, alpha=0.1, use_length=Tru
     has_refl = grading.has_reflection(response, p)
     first = grade(grading.first_answer(response, p))
     final = grade(grading.extract_answer(response, p))
-    fmt = FORMAT_REWARD if p["layout"] in PAPER_LAYOUTS and all(
-        p[k] for k in ("think1", "answer1", "reflection", "answer2")) and p["think2"] != "" else 0.0
+    fmt = paper_format(p)
     acc = ACCURACY_REWARD * first * use_accuracy  # Eq. (5): R_task = R_format + R_accuracy, first answer only
     if not has_refl:  # our choice, see the docstring
         return _result(fmt, acc, first=first, final=final)
@@ -201,17 +213,31 @@ def grpo_reward(response, gold, *, choices=None) -> dict:
                    has_refl=grading.has_reflection(response, p))
 
 
+def final_reward(response, gold, *, choices=None) -> dict:
+    """RL on the final answer alone: accuracy 1.0 when the last answer (extract_answer's) is right + the
+    paper's R_format 0.5 when the response has its reflective layout (paper_format). No term looks at the
+    first answer or the reflection. A plain <think>..</think><answer>..</answer> earns its accuracy and no
+    format, as in the paper variant, whose format also includes the reflection. Bounds: [0, 1.5].
+    """
+    p, grade = grading.parse_response(response), _grader(gold, choices)
+    final = grade(grading.extract_answer(response, p))
+    first = grade(grading.first_answer(response, p))
+    return _result(paper_format(p), GRPO_ACCURACY * final, first=first, final=final,
+                   has_refl=grading.has_reflection(response, p))
+
+
 def srpo_reward(response: str, gold: str, *, count_tokens=None, variant="paper", alpha=0.1,
                 use_length=True, use_effectiveness=True, use_accuracy=True, use_reflection_format=True,
                 choices=None) -> dict:
     """Reward of one response, every component included (keys: REWARD_KEYS, all floats).
 
-    variant: "paper" (Eqs. 4-8, default), "released" (the authors' code) or "grpo" (baseline).
+    variant: "paper" (Eqs. 4-8, default), "released" (the authors' code), "grpo" (baseline) or "final"
+    (the final answer's accuracy + the reflective layout's format: the ablation without reflection terms).
     count_tokens: text -> token count (the policy's tokenizer in training; grading.default_count_tokens).
     Ablations: use_length=False drops alpha*f_len ("no f_len"), use_effectiveness=False drops I_eff
     ("no I_eff"), use_accuracy=False drops R_accuracy, use_reflection_format=False drops I_ref (these
     three: paper variant only), alpha weighs f_len (0.1; the paper also tries 0.05 and 0.3).
-    "released" honours alpha and use_length; "grpo" ignores them all.
+    "released" honours alpha and use_length; "grpo" and "final" ignore them all.
     choices: option texts in order A, B, C, ... for multiple choice, else None.
 
     Example: srpo_reward("<think>1+1=2</think><answer>2</answer><reflection>Checked.</reflection>"
@@ -225,6 +251,8 @@ def srpo_reward(response: str, gold: str, *, count_tokens=None, variant="paper",
     choices = list(choices) if choices else None
     if variant == "grpo":
         return grpo_reward(response, gold, choices=choices)
+    if variant == "final":
+        return final_reward(response, gold, choices=choices)
     if variant == "released":
         return released_reward(response, gold, count_tokens=count_tokens, alpha=alpha,
                                use_length=use_length, choices=choices)

@@ -1,4 +1,4 @@
-"""Unit and property tests for machinery/grading.py (parsing, grading) and rewards.py (the three reward variants)."""
+"""Unit and property tests for machinery/grading.py (parsing, grading) and rewards.py (the four reward variants)."""
 
 import json
 import math
@@ -403,6 +403,23 @@ def test_grpo_baseline():
     assert R.srpo_reward("<think></think><answer>7</answer>", "7", variant="grpo")["format"] == 0
 
 
+def test_final_answer_reward():
+    """--reward final: the last answer's accuracy + the paper's format on the reflective layout, nothing else."""
+    r = R.srpo_reward(reflective("8", "7"), "7", variant="final")  # corrected: the first answer is not graded
+    assert (r["total"], r["format"], r["accuracy"]) == (1.5, 0.5, 1.0)
+    assert (r["effectiveness"], r["reflection_format"], r["length"], r["first_correct"]) == (0.0, 0.0, 0.0, 0.0)
+    assert R.srpo_reward(reflective("7", "7"), "7", variant="final")["total"] == 1.5  # kept: the same
+    assert R.srpo_reward(reflective("7", "8"), "7", variant="final")["total"] == 0.5
+    assert R.srpo_reward(reflective("8", "7", second_think=False), "7", variant="final")["total"] == 1.5  # SFT layout
+    assert R.srpo_reward(reflective("7", "7", pad=3), "7", variant="final")["total"] == 1.5  # no length term
+    assert R.srpo_reward(plain("7"), "7", variant="final")["total"] == 1.0  # no reflection: no format
+    assert R.srpo_reward(plain("8"), "7", variant="final")["total"] == 0.0
+    # The confound it removes: under the reflective prompt, 'grpo' pays a right answer 0.5 less for reflecting.
+    for variant, reflecting_minus_plain in (("grpo", -0.5), ("final", +0.5), ("paper", +1.1)):
+        right = [R.srpo_reward(x, "7", variant=variant)["total"] for x in (reflective("7", "7"), plain("7"))]
+        assert right[0] - right[1] == pytest.approx(reflecting_minus_plain), variant
+
+
 def test_reward_api():
     for variant in R.VARIANTS:
         r = R.srpo_reward(reflective("8", "7"), "7", variant=variant)
@@ -417,8 +434,11 @@ def test_reward_api():
 # ----------------------------------------------------------------------------------------------
 # Gaming and adversarial inputs: nothing beats an honest right -> right response
 
-HONEST_MAX = {"paper": 1.6, "released": 1.6, "grpo": 1.5}  # released pays wrong -> right most
-RIGHT_RIGHT = {"paper": 1.6, "released": 1.35, "grpo": 1.5}
+HONEST_MAX = {"paper": 1.6, "released": 1.6, "grpo": 1.5, "final": 1.5}  # released pays wrong -> right most
+RIGHT_RIGHT = {"paper": 1.6, "released": 1.35, "grpo": 1.5, "final": 1.5}
+# 'final' has no length term and does not grade the first answer: these right final answers in the reflective
+# layout earn what an honest response earns, by design (never more)
+TIES_BY_DESIGN = {"final": {"long honest", "long reflection, right", "answer padded"}}
 T, A = "<think>Add the bars.</think>", "<answer>{}</answer>"
 GAMING = {
     "several answers": reflective("7 or 8", "7, 8"),
@@ -450,7 +470,8 @@ def test_gaming_strings_earn_less_than_honest(variant, name):
     r = R.srpo_reward(GAMING[name], "7", variant=variant)
     honest = R.srpo_reward(reflective("7", "7") if variant != "grpo" else plain("7"), "7", variant=variant)
     assert honest["total"] == pytest.approx(RIGHT_RIGHT[variant])
-    assert r["total"] < honest["total"] - 1e-9 or variant == "released" and r["total"] <= HONEST_MAX[variant]
+    assert r["total"] < honest["total"] - 1e-9 or variant == "released" and r["total"] <= HONEST_MAX[variant] \
+        or name in TIES_BY_DESIGN.get(variant, ()) and r["total"] <= honest["total"] + 1e-9
 
 
 @pytest.mark.parametrize("variant", R.VARIANTS)
@@ -514,10 +535,20 @@ def test_property_reward_bounds(text, gold_choices, variant, alpha, use_length, 
                       use_effectiveness=use_eff, choices=choices)
     assert tuple(r) == R.REWARD_KEYS and all(math.isfinite(v) for v in r.values())
     assert r["total"] == pytest.approx(components_sum(r))
-    upper = 1.5 if variant == "grpo" else 1.5 + alpha
+    upper = 1.5 if variant in ("grpo", "final") else 1.5 + alpha
     assert -1e-9 <= r["total"] <= upper + 1e-9  # never above an honest response's best
     assert 0.0 <= r["f_len"] <= 1.0
     assert all(r[k] in (0.0, 1.0) for k in ("first_correct", "final_correct", "has_reflection"))
+
+
+@PROPS
+@given(responses, golds)
+def test_property_final_is_paper_format_plus_last_answer(text, gold_choices):
+    """'final' pays exactly the paper variant's R_format and 1.0 for the answer evaluation scores."""
+    gold, choices = gold_choices
+    f, p = (R.srpo_reward(text, gold, variant=v, choices=choices) for v in ("final", "paper"))
+    assert f["format"] == p["format"] and f["accuracy"] == f["final_correct"] == p["final_correct"]
+    assert f["total"] == f["format"] + f["accuracy"]
 
 
 @PROPS
