@@ -138,5 +138,12 @@ $(VENV)/.deepspeed: $(VENV)/.installed
 test: $(VENV)/.installed $(VENV)/.deepspeed
 	$(PY) -m pytest -q tests
 
+# The student track (student/README.md): `make grade` grades student/core.py (the paper's core, written by the
+# student) with student/test_grade.py; `make grade REF=1` grades the project's own functions with the same tests,
+# `make grade MISTAKE=name` one of student/mistakes.py's catalogued mistakes. About 10 s.
+.PHONY: grade
+grade: $(VENV)/.installed
+	STUDENT_REF=$(REF) STUDENT_MISTAKE=$(MISTAKE) $(PY) -m pytest -q student
+
 clean:
 	rm -rf runs
