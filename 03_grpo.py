@@ -3,10 +3,12 @@
 Each step of the loop in `main` is one of the paper's six:
   1. group sampling: G responses per prompt (with its image) at temperature T;
   2. rewards: the SRPO reward of each response against its own gold answer (rewards.py, Eqs. 4-8);
-  3. group-normalised advantages (`group_advantages`, Eq. 3) and the accuracy filter;
-  4. old and reference log-probs (`token_logprobs`);
-  5. mu optimizer steps on the clipped surrogate with an optional k3 KL (`grpo_step`, `grpo_loss`, Eq. 2);
-  6. metrics (`step_metrics`): one log line and one metrics.jsonl row.
+  3. group-normalised advantages (`group_advantages`, Eq. 3), the accuracy filter, and the rollout split
+     into K slices of whole groups, one per optimizer step (`update_slices`);
+  4. old and reference log-probs (`token_logprobs`): pi_old is the sampling policy, computed once;
+  5. mu passes over the K slices, an optimizer step on each: the clipped surrogate on pi_theta / pi_old
+     with an optional k3 KL (`grpo_step`, `grpo_loss`, Eq. 2);
+  6. metrics (`step_metrics`): one log line, one metrics.jsonl row, and an updates.jsonl row per step.
 Everything else is plumbing: batches with images, data, checkpoints.
 
 Toy (after 02, ~4-5 minutes on 2 CPU cores):
@@ -16,13 +18,17 @@ Toy (after 02, ~4-5 minutes on 2 CPU cores):
 Real scale (Qwen2.5-VL-7B after reflection SFT, 8 GPUs, ~62 GB each; the README's recipes table):
     accelerate launch --config_file configs/zero2.yaml 03_grpo.py --model runs/real/sft \
         --data my-org/rl-prompts --prompts_per_step 16 --max_new_tokens 2048 --lr 1e-6 --steps 500 \
-        --micro_batch 4 --gradient_checkpointing
-    (--prompts_per_step is per process: 8 processes x 16 = the paper's 128 prompts a rollout)
+        --micro_batch 4 --gradient_checkpointing --updates_per_rollout 8
+    (--prompts_per_step is per process: 8 processes x 16 = the paper's 128 prompts a rollout, 1,024
+    samples; --updates_per_rollout 8: 8 optimizer steps of 128 samples each, as the authors' OpenRLHF run)
 One GPU, 4-bit QLoRA (~18 GB): python 03_grpo.py --model runs/real/sft --load_in_4bit --lora_r 16 \
         --prompts_per_step 2 --micro_batch 4 --gradient_checkpointing --max_new_tokens 2048 --lr 1e-6
 
-Outputs in --out_dir: the model (safetensors; LoRA: the adapter), metrics.jsonl (one row per step),
-samples.jsonl (completions with their rewards), curves.png, checkpoint/ (for --resume).
+Outputs in --out_dir: the model (safetensors; LoRA: the adapter), metrics.jsonl (one row per rollout
+step: rewards, accuracies, and the update statistics of its last optimizer step), updates.jsonl (one row
+per optimizer step: step, update, epoch, slice, rows and tokens trained on (all processes), lr, loss, kl
+to the reference, clip_frac, ratio_mean and ratio_max of pi_theta / pi_old over the tokens, approx_kl to
+pi_old, grad_norm), samples.jsonl (completions with their rewards), curves.png, checkpoint/ (--resume).
 """
 
 import contextlib
@@ -54,7 +60,8 @@ class Args(training.TrainArgs, dataset.DataArgs):
     max_pixels: int = 262144
     """images with more pixels are downscaled first, keeping the aspect ratio (as in 02)"""
     reward: str = "paper"
-    """'paper' (Eqs. 4-8, default), 'released' (the authors' code) or 'grpo' (plain-GRPO baseline)"""
+    """'paper' (Eqs. 4-8, default), 'released' (the authors' code), 'grpo' (plain-GRPO baseline) or 'final'
+    (the last answer's accuracy + the reflective layout's format, no reflection terms: an ablation)"""
     alpha: float = 0.1
     """weight of the length reward f_len (Eq. 6)"""
     use_length: bool = True
@@ -86,7 +93,14 @@ class Args(training.TrainArgs, dataset.DataArgs):
     generate, with the reason printed; 'hf': always HF generate. ZeRO-3/FSDP: 'fast' gathers the whole
     model on every GPU for each rollout (bf16: 2 bytes x parameters), 'hf' gathers it layer by layer"""
     mu: int = 1
-    """inner iterations (optimizer steps) per rollout batch; with mu = 1 the ratio is exactly 1"""
+    """passes (epochs) over each rollout: mu x updates_per_rollout optimizer steps per rollout, every pass
+    over the same slices in the same order (as TRL's num_iterations); with mu = K = 1 the ratio is exactly 1"""
+    updates_per_rollout: int = 1
+    """K: a pass over the rollout is K optimizer steps, each on a disjoint 1/K of its groups (whole groups,
+    shuffled with the run's seed), all against pi_old = the sampling policy's log-probs, computed once before
+    the first step (the authors' OpenRLHF run: 1,024 samples a rollout / train_batch_size 128 = 8; TRL:
+    steps_per_generation). The LR schedule counts optimizer steps (steps x mu x K); checkpoints are written
+    between rollouts, so --resume redoes no optimizer step. At most --prompts_per_step"""
     clip_eps: float = 0.2
     """epsilon of the clipped surrogate (Eq. 2)"""
     clip_eps_high: float = 0.0
@@ -139,9 +153,12 @@ def check_args(args):
     cli.check_choice("rollout", args.rollout, rollout.ROLLOUTS)
     cli.check_choice("system_prompt", args.system_prompt, ("auto", *dataset.SYSTEM_PROMPTS))
     for flag, low in (("group_size", 2), ("prompts_per_step", 1), ("steps", 1), ("mu", 1), ("micro_batch", 1),
-                      ("max_new_tokens", 1)):
+                      ("max_new_tokens", 1), ("updates_per_rollout", 1)):
         if getattr(args, flag) < low:
             raise cli.UserError(f"--{flag} must be at least {low}; got {getattr(args, flag)}")
+    if args.updates_per_rollout > args.prompts_per_step:
+        raise cli.UserError(f"--updates_per_rollout {args.updates_per_rollout}: each optimizer step takes whole "
+                            f"groups, and a process has only --prompts_per_step {args.prompts_per_step}")
     if not args.temperature > 0 or not 0 < args.top_p <= 1:
         raise cli.UserError(f"GRPO samples: --temperature must be > 0 and --top_p in (0, 1]; got "
                             f"{args.temperature} and {args.top_p}")
@@ -243,7 +260,10 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, args):
     with torch.no_grad():
         clipped = ((ratio < 1 - args.clip_eps) & (A < 0)) | ((ratio > 1 + eps_high) & (A > 0))
         n = mask.sum().clamp(min=1)
-        stats = {"kl": ((kl * mask).sum() / n).item(), "clip_frac": ((clipped * mask).sum() / n).item()}
+        approx_kl = (ratio - 1) - log_ratio  # KL(pi_old || pi_theta) on pi_old's samples, see joschu.net/blog/kl-approx.html
+        stats = {"kl": ((kl * mask).sum() / n).item(), "clip_frac": ((clipped * mask).sum() / n).item(),
+                 "approx_kl": ((approx_kl * mask).sum() / n).item(), "ratio_mean": ((ratio * mask).sum() / n).item(),
+                 "ratio_max": ratio.masked_fill(mask == 0, 0).max().item()}
     return loss, stats
 
 
@@ -263,13 +283,26 @@ def group_filter(how, r, final_acc, low, high):
     return r.std(1) > 1e-6 if how == "spread" else torch.ones(len(r), dtype=torch.bool)
 
 
-def training_rows(keep, G, lockstep):
-    """(rows, weights): which of the P*G responses the update runs over, and each row's weight on its
-    token mask. Normally the kept groups' rows, weight 1. `lockstep` (ZeRO or FSDP with several
-    processes, where every forward and backward is a collective that all processes must join, so
-    they must run the same number of micro-batches): every row, filtered groups weighted 0."""
-    rows = [i * G + g for i in range(len(keep)) if keep[i] or lockstep for g in range(G)]
-    return rows, torch.tensor([float(keep[r // G]) for r in rows])
+def update_slices(keep, G, K, lockstep, generator=None):
+    """The rollout's optimizer steps: K pairs (rows, weights), which of the P*G responses each step runs over
+    and each row's weight on its token mask. Whole groups, shuffled by `generator` (K > 1; K = 1 keeps the
+    rollout's order), dealt into K slices of near-equal size. Normally the kept groups, weight 1; a slice the
+    filter left empty gets group 0 at weight 0, so that every process takes part in every step (DDP syncs
+    in the backward). `lockstep` (ZeRO or FSDP with several processes, where every forward and backward is a
+    collective that all processes must join, so they must run the same micro-batches): every group, the
+    filtered ones weighted 0, so the slices' sizes depend on P and K alone.
+
+    Example: keep [T, F, T, T], G 2, K 2, no shuffle -> [([0, 1], [1., 1.]), ([4, 5, 6, 7], [1., 1., 1., 1.])]
+    """
+    groups = [i for i in range(len(keep)) if keep[i] or lockstep]
+    if K > 1 and generator is not None:
+        groups = [groups[i] for i in torch.randperm(len(groups), generator=generator).tolist()]
+    slices = []
+    for k in range(K):
+        part = groups[k * len(groups) // K:(k + 1) * len(groups) // K]
+        rows = [i * G + g for i in part or [0] for g in range(G)]
+        slices.append((rows, torch.tensor([float(keep[r // G]) if part else 0.0 for r in rows])))
+    return slices
 
 
 def micro_batch_share(how, mask_mb, n_tokens, n_kept_rows):
@@ -288,28 +321,34 @@ def score_responses(texts, prompts, G, reward_fn):
 # The update and its metrics
 
 
-def grpo_step(model, ref_model, accelerator, optimizer, scheduler, train, comp, cmask, adv, n_kept, args,
+def grpo_step(model, ref_model, accelerator, optimizer, scheduler, group, comp, mask, adv, slices, args,
               vision_start):
-    """Steps 4-5 of the loop: old and reference log-probs, then mu optimizer steps on the clipped
-    surrogate (Eq. 2), gradients accumulated over micro-batches. Returns (stats, grad_norm, lr).
+    """Steps 4-5 of the loop: old and reference log-probs, then mu passes over the rollout's slices, an
+    optimizer step on each: the clipped surrogate (Eq. 2), gradients accumulated over micro-batches.
+    Returns (stats of the last step, its grad_norm, the first step's lr, one dict per optimizer step).
 
-    train: the prompts of the rows trained on (images included); comp, cmask: their completions and
-    token masks (B, T); adv: their advantages (B,); n_kept: the rows of the groups kept.
-    With mu = 1 the policy has not moved since sampling, so pi_old = pi_theta: the one pass uses its
-    own detached log-probs and the ratio is exactly 1.
-    Distributed: the loss is that of the whole batch of every process (its token and row counts summed
-    over processes), so N processes take the step one process would take on all their rows. DDP and
-    FSDP exchange gradients only on the last micro-batch (no_sync before it); DeepSpeed's engine steps
+    group: the rollout's prompts (P*G rows, images included); comp, mask: completions and token masks
+    (P*G, T); adv: advantages (P*G,); slices: update_slices' (rows, weights), one per optimizer step.
+    pi_old is the sampling policy: its log-probs are computed once, before the first step, over every row a
+    step trains on. With mu = 1 and one slice the policy has not moved since sampling, so pi_old = pi_theta:
+    the one pass uses its own detached log-probs and the ratio is exactly 1.
+    Distributed: each step's loss is that of its slice on every process (the slice's token and row counts
+    summed over processes), so N processes take the steps one process would take on all their rows. DDP and
+    FSDP exchange gradients only on a slice's last micro-batch (no_sync before it); DeepSpeed's engine steps
     only when sync_gradients is set, though ZeRO-2/3 reduce at every backward.
     """
-    shared, B = args.share_prompts and not args.gradient_checkpointing, len(comp)
+    shared = args.share_prompts and not args.gradient_checkpointing
     micro_logprobs = prompt_shared_logprobs if shared else one_pass_logprobs  # one micro-batch's pass
+    rows = [r for part, _ in slices for r in part]  # every row a step trains on, in slice order
 
-    def logprobs(m):  # the whole batch, micro-batch by micro-batch
-        return token_logprobs(m, train, comp, args.temperature, args.micro_batch, vision_start, shared)
+    def logprobs(m):  # (P*G, T), filled at `rows`, computed micro-batch by micro-batch
+        out = torch.zeros(comp.shape, device=comp.device)
+        out[rows] = token_logprobs(m, dataset.select_rows(group, rows, vision_start), comp[rows], args.temperature,
+                                   args.micro_batch, vision_start, shared)
+        return out
 
     with torch.no_grad(), accelerator.autocast():
-        old_logp = logprobs(model) if args.mu > 1 else None
+        old_logp = logprobs(model) if args.mu > 1 or len(slices) > 1 else None
         ref_logp = None
         if args.kl_coef > 0:
             if ref_model is not None:
@@ -319,34 +358,54 @@ def grpo_step(model, ref_model, accelerator, optimizer, scheduler, train, comp, 
                     ref_logp = logprobs(model)
 
     world = accelerator.num_processes
-    counts = torch.tensor([float(cmask.sum()), float(n_kept)], device=accelerator.device)
-    n_tok, n_rows = (accelerator.reduce(counts, "sum") if world > 1 else counts).clamp(min=1).tolist()
-    starts = list(range(0, B, args.micro_batch))
-    lr = optimizer.param_groups[0]["lr"]  # the rate of this step's (first) update
-    for _ in range(args.mu):
-        stats = torch.zeros(3, device=accelerator.device)  # kl, clip_frac, loss: this process's share
-        for s in starts:
-            mb = list(range(s, min(s + args.micro_batch, B)))
-            last = s == starts[-1]
-            accelerator.sync_gradients = last
-            with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                logp = micro_logprobs(model, dataset.select_rows(train, mb, vision_start), comp[mb], args.temperature,
-                                      vision_start)
-                old = logp.detach() if old_logp is None else old_logp[mb]
-                ref = None if ref_logp is None else ref_logp[mb]
-                loss, st = grpo_loss(logp, old, ref, adv[mb], cmask[mb], args)  # Eq. (2) on this micro-batch
-                # each micro-batch's loss scaled to its share of the whole batch, so that the shares sum to
-                # the batch loss; x world: DDP, ZeRO and FSDP average the processes' gradients
-                weight = float(micro_batch_share(args.loss_agg, cmask[mb], n_tok, n_rows))
-                accelerator.backward(loss * weight * world)
-            stats += torch.tensor([st["kl"], st["clip_frac"], loss.item()], device=stats.device) * weight
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)  # DeepSpeed: its config's
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-    if world > 1:
-        stats = accelerator.reduce(stats, "sum")
-    return dict(zip(("kl", "clip_frac", "loss"), stats.tolist())), grad_norm, lr
+    cmasks = [mask[part].float() * weight[:, None].to(mask.device) for part, weight in slices]  # (rows, T) each
+    counts = torch.tensor([[float(c.sum()), float(w.sum())] for c, (_, w) in zip(cmasks, slices)],
+                          device=accelerator.device)  # tokens and kept rows of each slice
+    counts = accelerator.reduce(counts, "sum") if world > 1 else counts
+    lr = optimizer.param_groups[0]["lr"]  # the rate of this rollout's first update
+    sums, peaks, updates = [], [], []  # per optimizer step: weighted stats, ratio_max, the log row
+    for epoch in range(args.mu):
+        for k, ((part, _), cmask) in enumerate(zip(slices, cmasks)):
+            n_tok, n_rows = counts[k].clamp(min=1).tolist()
+            stats = torch.zeros(5, device=accelerator.device)  # kl, clip_frac, loss, approx_kl, ratio_mean
+            peak = 0.0
+            starts = list(range(0, len(part), args.micro_batch))
+            updates.append({"update": len(updates) + 1, "epoch": epoch + 1, "slice": k + 1,
+                            "rows": counts[k, 1].item(), "tokens": counts[k, 0].item(),
+                            "lr": optimizer.param_groups[0]["lr"]})
+            for s in starts:
+                mb = part[s:s + args.micro_batch]
+                last = s == starts[-1]
+                accelerator.sync_gradients = last
+                with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                    logp = micro_logprobs(model, dataset.select_rows(group, mb, vision_start), comp[mb],
+                                          args.temperature, vision_start)
+                    old = logp.detach() if old_logp is None else old_logp[mb]
+                    ref = None if ref_logp is None else ref_logp[mb]
+                    cm = cmask[s:s + args.micro_batch]
+                    loss, st = grpo_loss(logp, old, ref, adv[mb], cm, args)  # Eq. (2) on this micro-batch
+                    # each micro-batch's loss scaled to its share of the slice, so that the shares sum to the
+                    # slice's loss; x world: DDP, ZeRO and FSDP average the processes' gradients
+                    weight = float(micro_batch_share(args.loss_agg, cm, n_tok, n_rows))
+                    accelerator.backward(loss * weight * world)
+                stats += torch.tensor([st["kl"], st["clip_frac"], loss.item(), st["approx_kl"], st["ratio_mean"]],
+                                      device=stats.device) * weight
+                peak = max(peak, st["ratio_max"])
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)  # DeepSpeed: its config's
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            sums.append(stats)
+            peaks.append(peak)
+            updates[-1]["grad_norm"] = float("nan") if grad_norm is None else float(grad_norm)
+    sums, peaks = torch.stack(sums), torch.tensor(peaks, device=accelerator.device)
+    if world > 1:  # every process's share of each step, summed; the largest ratio over all processes
+        sums, peaks = accelerator.reduce(sums, "sum"), accelerator.gather(peaks[None]).max(0).values
+    keys = ("kl", "clip_frac", "loss", "approx_kl", "ratio_mean")
+    for row, values, peak in zip(updates, sums.tolist(), peaks.tolist()):
+        row.update({**dict(zip(keys, values)), "ratio_max": peak})
+    last = {k: updates[-1][k] for k in (*keys, "ratio_max")}
+    return last, grad_norm, lr, updates
 
 
 def step_metrics(scored, r, keep, mask, stats, grad_norm, lr, times):
@@ -371,6 +430,21 @@ def step_metrics(scored, r, keep, mask, stats, grad_norm, lr, times):
         "tokens_per_s": float(mask.sum()) / step_s,
     })
     return row
+
+
+def write_logs(args, row, updates, prompts, texts, scored, G):
+    """The main process's files: the metrics row, one updates.jsonl row per optimizer step, and every
+    --sample_every steps the first response of each group with its reward."""
+    step = row["step"]
+    dataset.append_jsonl(os.path.join(args.out_dir, "metrics.jsonl"), row)
+    for u in updates:
+        dataset.append_jsonl(os.path.join(args.out_dir, "updates.jsonl"), {"step": step, **u})
+    if args.sample_every and step % args.sample_every == 0:
+        for i in range(0, len(texts), G):
+            p = prompts[i // G]
+            dataset.append_jsonl(os.path.join(args.out_dir, "samples.jsonl"), {
+                "step": step, "question": p["question"], "gold": p["answer"], "response": texts[i],
+                **{k: scored[i][k] for k in rewards.REWARD_KEYS}})
 
 
 def log_line(step, row):
@@ -410,14 +484,13 @@ def main(args: Args):
         text, p["answer"], choices=p["choices"] or None, count_tokens=count_tokens, variant=args.reward,
         alpha=args.alpha, use_length=args.use_length, use_effectiveness=args.use_effectiveness,
         use_accuracy=args.use_accuracy, use_reflection_format=args.use_reflection_format)
-    optimizer, scheduler = training.make_optimizer(args, model, args.steps * args.mu)
+    optimizer, scheduler = training.make_optimizer(args, model, args.steps * args.mu * args.updates_per_rollout)
     training.prepare_deepspeed(accelerator, model, args.micro_batch, args.grad_clip)
     model, optimizer = accelerator.prepare(model, optimizer)
     os.makedirs(args.out_dir, exist_ok=True)
     metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
-    samples_path = os.path.join(args.out_dir, "samples.jsonl")
     start, _ = training.start_or_resume(accelerator, args, training.find_resume(args), scheduler=scheduler,
-                                        logs=("metrics.jsonl", "samples.jsonl"))
+                                        logs=("metrics.jsonl", "samples.jsonl", "updates.jsonl"))
     if is_main:
         dataset.append_jsonl(os.path.join(args.out_dir, "config.jsonl"),
                              {"start": start, **asdict(args), "lora_r_used": lora_r})
@@ -460,22 +533,20 @@ def main(args: Args):
         r = torch.tensor([s["total"] for s in scored], dtype=torch.float32).view(P, G)
         final_acc = torch.tensor([s["final_correct"] for s in scored]).view(P, G).float().mean(1)
 
-        # 3. Group-normalised advantages (Eq. 3) and the accuracy filter.
+        # 3. Group-normalised advantages (Eq. 3), the accuracy filter, and K slices of whole groups.
         advantages = group_advantages(r)  # (P, G)
         keep = group_filter(args.filter, r, final_acc, args.filter_low, args.filter_high)
-        rows, weight = training_rows(keep, G, lockstep=sharded and world > 1)
-        if not rows:  # every process must join the backward (DDP syncs there): one group, weight 0
-            rows, weight = list(range(G)), torch.zeros(G)
+        slices = update_slices(keep, G, args.updates_per_rollout, lockstep=sharded and world > 1,
+                               generator=torch.Generator().manual_seed(args.seed * 1_000_003 + step * world + rank))
         t_score = time.time() - t0 - t_gen
 
-        # 4-5. Old and reference log-probs, then mu clipped-surrogate steps (Eq. 2).
+        # 4-5. Old and reference log-probs, then mu passes of K clipped-surrogate steps (Eq. 2).
         model.train()
-        stats, grad_norm, lr = grpo_step(
-            model, ref_model, accelerator, optimizer, scheduler, dataset.select_rows(group, rows, vision_start),
-            completion[rows], mask[rows].float() * weight[:, None].to(mask.device),
-            advantages.flatten()[rows].to(accelerator.device), int(keep.sum()) * G, args, vision_start)
+        stats, grad_norm, lr, updates = grpo_step(
+            model, ref_model, accelerator, optimizer, scheduler, group, completion, mask,
+            advantages.flatten().to(accelerator.device), slices, args, vision_start)
 
-        # 6. Metrics: one line, one JSONL row (means over all ranks).
+        # 6. Metrics: one line, one JSONL row (means over all ranks), a row per optimizer step.
         row = step_metrics(scored, r, keep, mask, stats, grad_norm, lr,
                            (t_gen, t_score, time.time() - t0))
         if world > 1:
@@ -485,16 +556,9 @@ def main(args: Args):
         row = {"step": step + 1, **row}
         accelerator.log(row, step=step + 1)
         if is_main:
-            dataset.append_jsonl(metrics_path, row)
             bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['final_accuracy']:.2f}")
             tqdm.write(log_line(step + 1, row))
-            if args.sample_every and (step + 1) % args.sample_every == 0:
-                for i in range(0, P * G, G):  # the first response of each group
-                    p = batch_prompts[i // G]
-                    dataset.append_jsonl(samples_path, {
-                        "step": step + 1, "question": p["question"], "gold": p["answer"],
-                        "response": texts[i],
-                        **{k: scored[i][k] for k in rewards.REWARD_KEYS}})
+            write_logs(args, row, updates, batch_prompts, texts, scored, G)
         if args.save_every and (step + 1) % args.save_every == 0:
             ckpt = os.path.join(args.out_dir, "checkpoint")
             training.save_checkpoint(accelerator, ckpt, scheduler=scheduler, step=step + 1)

@@ -233,16 +233,18 @@ def find_resume(args):
 
 def start_or_resume(accelerator, args, found, *, scheduler, logs=("metrics.jsonl",)):
     """(step, extra). Resuming: the prepared model and optimizer, the schedule and the RNG states come
-    back from `found`, and metric rows written after it (steps that will be redone) are dropped. A
+    back from `found`, and the rows of `logs` written after it (steps that will be redone) are dropped. A
     fresh start removes an earlier run's logs and checkpoint in out_dir."""
-    metrics = os.path.join(args.out_dir, logs[0])
     if found:
         step, extra = load_checkpoint(accelerator, found, scheduler=scheduler)
         accelerator.print(f"resumed from {found} at step {step}")
         if accelerator.is_main_process:
-            rows = [r for r in dataset.read_jsonl(metrics) if r["step"] <= step]
-            with open(metrics, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
+            for name in logs:
+                path = os.path.join(args.out_dir, name)
+                rows = [r for r in dataset.read_jsonl(path) if r.get("step", 0) <= step]
+                if os.path.exists(path):
+                    with open(path, "w") as f:
+                        f.writelines(json.dumps(r) + "\n" for r in rows)
         return step, extra
     if args.resume:
         accelerator.print(f"--resume: no checkpoint in {args.out_dir}, starting from scratch")

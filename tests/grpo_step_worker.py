@@ -1,9 +1,13 @@
-"""Run by tests/test_grpo.py, alone or under `accelerate launch` with several processes: one grpo_step
-(03_grpo.py) on a fixed batch whose prompts are split over the processes (process r takes prompts r,
-r + world, ...), the accuracy filter keeping a different number of groups on each. Plain SGD at lr 1, so
-the weights move by exactly minus the gradient. The main process saves the trainable weights.
+"""Run by tests/test_grpo.py and tests/test_updates.py, alone or under `accelerate launch` with several
+processes: one grpo_step (03_grpo.py) on a fixed batch whose prompts are split over the processes (process r
+takes prompts r, r + world, ...), the accuracy filter keeping a different number of groups on each. Plain SGD
+at lr 1, so the weights move by exactly minus the gradient. The main process saves the trainable weights.
 
-    python tests/grpo_step_worker.py MODEL_DIR OUT.safetensors LOSS_AGG
+K > 1 (--updates_per_rollout): each process splits its kept groups into K slices (update_slices, shuffled by
+its rank); a single process given SPLIT > 1 takes, for slice k, the union of the slices k that SPLIT
+processes would take, so that it must make the same K optimizer steps as those processes together.
+
+    python tests/grpo_step_worker.py MODEL_DIR OUT.safetensors LOSS_AGG [K] [SPLIT]
 """
 
 import os
@@ -24,10 +28,11 @@ P, G, T = 6, 2, 7
 KEEP = [True, False, True, True, True, False]  # process 0 of 2 keeps 3 groups, process 1 keeps 1
 
 
-def main(model_dir, out, loss_agg):
+def main(model_dir, out, loss_agg, K="1", split="1"):
     grpo = load_script("03_grpo")
+    K, split = int(K), int(split)
     args = grpo.Args(model=model_dir, out_dir=os.path.dirname(out), cpu=True, micro_batch=3, grad_clip=1e9,
-                     loss_agg=loss_agg, max_new_tokens=T)
+                     loss_agg=loss_agg, max_new_tokens=T, updates_per_rollout=K)
     accelerator = training.make_accelerator(args)
     rank, world = accelerator.process_index, accelerator.num_processes
     model, processor = training.load_trainable_policy(args, accelerator, lora_r=0)
@@ -46,14 +51,20 @@ def main(model_dir, out, loss_agg):
     mask = (torch.arange(T)[None] < lengths[:, None]).float()
     adv = torch.randn(P * G, generator=g)
 
-    mine = [i for i in range(rank, P, world)]  # this process's prompts
-    keep = torch.tensor([KEEP[i] for i in mine])
-    rows, _ = grpo.training_rows(keep, G, lockstep=False)
-    full_rows = [i * G + k for i in mine for k in range(G)]
-    rows = [full_rows[r] for r in rows]
+    def process_slices(r, n):  # process r of n: its slices, in rows of the whole batch
+        mine = list(range(r, P, n))  # its prompts
+        keep = torch.tensor([KEEP[i] for i in mine])
+        slices = grpo.update_slices(keep, G, K, lockstep=False, generator=torch.Generator().manual_seed(r))
+        return [([mine[i // G] * G + i % G for i in rows], w) for rows, w in slices]
+
+    if world > 1:
+        slices = process_slices(rank, world)
+    else:  # the union, slice by slice, of what `split` processes would take
+        per_process = [process_slices(r, split) for r in range(split)]
+        slices = [([i for p in per_process for i in p[k][0]], torch.cat([p[k][1] for p in per_process]))
+                  for k in range(K)]
     model.train()
-    grpo.grpo_step(model, None, accelerator, optimizer, scheduler, dataset.select_rows(group, rows, vs), comp[rows],
-                   mask[rows], adv[rows], int(keep.sum()) * G, args, vs)
+    grpo.grpo_step(model, None, accelerator, optimizer, scheduler, group, comp, mask, adv, slices, args, vs)
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         save_file({n: p.detach().contiguous() for n, p in unwrapped.named_parameters() if p.requires_grad}, out)
@@ -61,4 +72,4 @@ def main(model_dir, out, loss_agg):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:])

@@ -148,7 +148,7 @@ def test_lockstep_rows_give_the_same_loss_and_gradient_as_dropping_filtered_grou
     args = SimpleNamespace(clip_eps=0.2, clip_eps_high=0.0, kl_coef=0.0, loss_agg=how, max_new_tokens=T)
     totals, grads = [], []
     for lockstep in (False, True):
-        rows, weight = grpo.training_rows(keep, G, lockstep)
+        [(rows, weight)] = grpo.update_slices(keep, G, 1, lockstep)
         assert len(rows) == (P * G if lockstep else 2 * G)
         cmask = mask[rows] * weight[:, None]
         n_tok, n_kept = cmask.sum().clamp(min=1), int(keep.sum()) * G
