@@ -382,9 +382,9 @@ def main(args):
         extract = make_judge(args.judge_base_url, args.judge_model, args.judge_api_key_env)
     run_name = f"{args.benchmark}-{re.sub(r'[^A-Za-z0-9.-]+', '_', split).strip('_')}"
     run_dir = os.path.join(args.out_dir, run_name)
-    scoring = f"judge {args.judge_model}" if extract else "rule-based"
+    scorer = f"judge {args.judge_model}" if extract else "rule-based"
     print(f"[eval] {run_name}: {len(items)} items, models {list(models)}, prompt {args.prompt!r}, "
-          f"max_new_tokens {max_new_tokens}, scoring {scoring}")
+          f"max_new_tokens {max_new_tokens}, scoring {scorer}")
     summaries, item_rows = {}, {}
     for name, (path, prompt) in models.items():
         folder = name if prompt == "reflect" else f"{name}-{prompt}"
