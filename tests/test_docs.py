@@ -93,3 +93,18 @@ def test_the_makefiles_recipe_flags_parse():
         assert args is not None, name
     args = cli.parse_args(load_script("01_reflect_data").Args, shlex.split(variables["REFLECT_ARGS"]))
     assert args.direct_rows > 0 and args.pool_size >= args.num_samples + args.direct_rows
+
+
+def test_the_files_the_docs_name_exist():
+    """A path in backticks (`toy/world.py`, `configs/zero2.yaml`) or a run command (`python bench/x.py`)
+    names a file of the repository, so that a moved module leaves no stale pointer behind. The notebook is
+    history and keeps the names of its day."""
+    for doc in (d for d in DOCS if d != os.path.join("docs", "notebook.md")):
+        text = open(os.path.join(ROOT, doc)).read()
+        refs = set(re.findall(r"`([\w./-]+\.(?:py|md|yaml|json|jsonl))(?::\w+)?`", text))
+        refs |= set(re.findall(r"python3? ([\w./-]+\.py)", text))
+        for ref in refs:
+            if ref.startswith(("runs/", "data/", "my-org/")) or "/" not in ref and not ref.endswith((".py", ".md")):
+                continue  # a run's outputs or a file the reader brings
+            folders = ("", "machinery", "toy", "docs")  # a name given inside its folder's row or sentence
+            assert any(os.path.exists(os.path.join(ROOT, f, ref)) for f in folders), f"{doc} names {ref}: missing"
