@@ -211,11 +211,12 @@ def test_two_process_accelerate_cpu_run(base_model_dir, tmp_path):
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            os.path.join(ROOT, "03_grpo.py"), "--model", base_model_dir, "--out_dir", str(out), "--reward", "grpo",
            "--steps", "2", "--prompts_per_step", "2", "--group_size", "2", "--max_new_tokens", "16",
-           "--train_size", "20", "--save_every", "0"]
+           "--train_size", "20", "--save_every", "0", "--updates_per_rollout", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     log = subprocess.run(cmd, check=True, cwd=ROOT, env=env, timeout=300, capture_output=True, text=True)
     assert "processes: 2" in log.stdout + log.stderr  # really two ranks, not a silent single process
     assert len(dataset.read_jsonl(out / "metrics.jsonl")) == 2 and (out / "model.safetensors").exists()
+    assert [u["update"] for u in dataset.read_jsonl(out / "updates.jsonl")] == [1, 2, 1, 2]  # 2 steps a rollout
 
 
 def test_local_jsonl_prompts_and_bad_rows(tmp_path, capsys):
