@@ -1,15 +1,18 @@
 """The toy's model side: a byte-level BPE tokenizer trained here, a processor that gives the official
-Qwen2.5-VL processor's tensors, and a tiny `Qwen2_5_VLForConditionalGeneration` (the real architecture).
+Qwen-VL processors' tensors, and a tiny model of the real architecture (Qwen2.5-VL by default; Qwen3-VL
+and Qwen3.5 too, toy/families.py).
 
 * `build_tokenizer()` - trained on the toy's own texts (questions, solutions, the check's words); every
   number the task writes is one token.
-* `ToyProcessor` - `Qwen2_5_VLProcessor`'s outputs without its torchvision dependency.
+* `ToyProcessor` - `Qwen2_5_VLProcessor`'s (or `Qwen3VLProcessor`'s) outputs without their torchvision
+  dependency.
 * `build_tiny_model()` - ~1M parameters, randomly initialised (00_base_model.py trains it).
 """
 
 import json
 import os
 
+from toy.families import CHAT_TEMPLATE, MODEL_FAMILIES, check_family, image_processor, tiny_config
 from toy.world import (FAMILIES, IMAGE_SIZE, MAX_ADDEND, MAX_DOTS, MAX_MULTIPLIER, STEP_CUE, TEST_SEED_OFFSET,
                        _steps_text, check_steps, check_task, cot_response, make_problem, oracle_reflection,
                        single_step_problem, solution_text)
@@ -21,19 +24,6 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_s
                   "<|image_pad|>", "<|video_pad|>"]
 TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>", "<reflection>", "</reflection>"]
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
-
-# Qwen2.5-VL's chat template, trimmed to what we use (system/user/assistant; text and image parts).
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 
 def _tokenizer_corpus(extra_texts=(), task="toy"):
@@ -81,7 +71,8 @@ def build_tokenizer(extra_texts=(), vocab_size: int = 0, task: str = "toy"):
 
 
 class ToyProcessor:
-    """A processor for the toy model that returns exactly what `Qwen2_5_VLProcessor` returns.
+    """A processor for the toy model that returns exactly what `Qwen2_5_VLProcessor` returns (and
+    `Qwen3VLProcessor`, which Qwen3-VL and Qwen3.5 use, with their image settings: toy/families.py).
 
     Why not the official one: it builds a video processor that needs torchvision, which does not
     import beside the CPU torch wheel used here. Real checkpoints load through `AutoProcessor`
@@ -100,12 +91,11 @@ class ToyProcessor:
         self.chat_template = tokenizer.chat_template
 
     @classmethod
-    def build(cls, tokenizer, task="toy"):
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-        # min/max pixels keep a 112x112 image at 112x112: 64 patches -> 16 image tokens.
-        ip = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=IMAGE_SIZE * IMAGE_SIZE)
-        return cls(tokenizer, ip, task)
+    def build(cls, tokenizer, task="toy", family="qwen2_5_vl"):
+        """The processor of a toy model of `family` (toy/families.py): its image settings, its chat template
+        (set on `tokenizer`). A 112x112 image is 16 image tokens in every family."""
+        tokenizer.chat_template = MODEL_FAMILIES[check_family(family)]["chat_template"]
+        return cls(tokenizer, image_processor(family, IMAGE_SIZE), task)
 
     def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False, **kw):
         return self.tokenizer.apply_chat_template(messages, tokenize=tokenize,
@@ -160,38 +150,19 @@ class ToyProcessor:
         return cls(AutoTokenizer.from_pretrained(path), Qwen2VLImageProcessorPil.from_pretrained(path), task)
 
 
-def build_tiny_model(tokenizer, *, hidden: int = 128, layers: int = 4, vision_hidden: int = 64,
-                     vision_depth: int = 2, seed: int = 0):
-    """A randomly initialised ~1M-parameter Qwen2_5_VLForConditionalGeneration (real architecture)."""
+def build_tiny_model(tokenizer, *, family: str = "qwen2_5_vl", hidden: int = 128, layers: int = 4,
+                     vision_hidden: int = 64, vision_depth: int = 2, seed: int = 0):
+    """A randomly initialised ~1M-parameter model of `family` (the real architecture, from the family's
+    config class: Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration or
+    Qwen3_5ForConditionalGeneration) for the toy tokenizer."""
     import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
     ids = tokenizer.convert_tokens_to_ids
-    heads = 4
-    # M-RoPE splits the rotary half-dim over (time, height, width) in Qwen's 1/4 : 3/8 : 3/8 ratio
-    # ([16, 24, 24] for head_dim 128; [4, 6, 6] for hidden 128; [2, 3, 3] for hidden 64).
-    half = hidden // heads // 2
-    mrope_section = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
-    config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=2,
-            max_position_embeddings=2048, rms_norm_eps=1e-6,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                             "mrope_section": mrope_section},
-            bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
-        ),
-        vision_config=dict(
-            depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
-            num_heads=2, out_hidden_size=hidden, patch_size=14, spatial_merge_size=2,
-            temporal_patch_size=2, window_size=112, fullatt_block_indexes=[vision_depth - 1],
-        ),
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
-        tie_word_embeddings=True,
-    )
+    config = tiny_config(family, tokenizer, hidden=hidden, layers=layers, vision_hidden=vision_hidden,
+                         vision_depth=vision_depth)
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
+    model = AutoModelForImageTextToText.from_config(config)
     model.generation_config.eos_token_id = [ids("<|im_end|>"), ids("<|endoftext|>")]
     model.generation_config.pad_token_id = ids("<|endoftext|>")
     return model
