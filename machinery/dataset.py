@@ -40,11 +40,17 @@ TAGS = ("<think>", "</think>", "<answer>", "</answer>", "<reflection>", "</refle
 # Encoding
 
 
+# Given to every chat template: Qwen3.5's then closes its think block empty, since the paper's format
+# writes its own <think> tags in the completion; templates without the switch (Qwen2.5-VL, Qwen3-VL-Instruct)
+# ignore it. The one family difference in the prompt (policy.MODEL_FAMILIES has the others).
+PROMPT_OPTIONS = {"enable_thinking": False}
+
+
 def build_prompt(processor, question, has_image, system_prompt):
     """Chat-formatted prompt text ending with the assistant header; the image comes before the question."""
     content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": question}]
     messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": content}]
-    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **PROMPT_OPTIONS)
 
 
 def _as_rgb(images):

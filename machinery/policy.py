@@ -1,15 +1,59 @@
 """The policy model: loading, saving, where a LoRA adapter's base is, and the log-probabilities of
 the tokens it is trained on (selective_log_softmax, used by 02's and 03's losses).
 
-One loading path serves the toy model and the real Qwen2.5-VL-7B/32B alike: a local directory or a
-hub id, a dtype, optional 4-bit (bitsandbytes nf4) and LoRA (peft), and a frozen vision tower (the
-paper freezes the vision encoder and projector in both stages).
+One loading path serves the toy model and the real models alike: a local directory or a hub id, a
+dtype, optional 4-bit (bitsandbytes nf4) and LoRA (peft), and a frozen vision tower (the paper freezes
+the vision encoder and projector in both stages). The class is the one the checkpoint's config names
+(`AutoModelForImageTextToText`): Qwen2.5-VL (the paper's), Qwen3-VL and Qwen3.5 run the same stages;
+what differs between them for loading is in MODEL_FAMILIES.
 """
 
+import dataclasses
 import json
 import os
 
 import torch
+
+# ----------------------------------------------------------------------------------------------
+# Model families: what differs between the architectures, by the config's model_type. Everything else
+# is shared: the image token and its vision_start/end frame, the prompt's layout (image before the
+# question), positions from the model's own get_rope_index (M-RoPE: 3-D for image tokens), the
+# processor's tensors. Two pieces live where they act: the recurrent state of Qwen3.5's linear-attention
+# layers in the fast rollout's cache (rollout.py reads the config's layer_types), and Qwen3.5's think
+# block, closed empty in every prompt (dataset.PROMPT_OPTIONS: the paper's format writes its own tags).
+
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    name: str
+    """what users call it"""
+    lora_targets: tuple
+    """the language model's linear layers that get LoRA adapters (names inside model.language_model)"""
+    vision: str = "model.visual"
+    """the vision tower with its merger (the projector): frozen, and left unquantised under 4-bit"""
+    fast_rollout: bool = True
+    """rollout.fast_generate's decoding loop is tested on it (greedy equal to HF generate)"""
+
+
+MODEL_FAMILIES = {
+    "qwen2_5_vl": Family("Qwen2.5-VL", _ATTENTION + _MLP),
+    # DeepStack adds vision features to the first decoder layers' image tokens: inside the prefill only
+    "qwen3_vl": Family("Qwen3-VL", _ATTENTION + _MLP),
+    # three gated-delta-net layers in four: their input projections (q, k, v together; the output gate z)
+    # and output take adapters; in_proj_a/b (one number per head) stay as they are
+    "qwen3_5": Family("Qwen3.5", _ATTENTION + _MLP + ("in_proj_qkv", "in_proj_z", "out_proj")),
+}
+
+
+def family_of(config):
+    """The Family of a model's config (or a model); one with the usual Qwen names, not tested, for a
+    model_type the table does not list (fast rollouts then decline it)."""
+    config = getattr(config, "config", config)
+    kind = getattr(config, "model_type", None)
+    return MODEL_FAMILIES.get(kind) or Family(f"{kind} (untested)", _ATTENTION + _MLP, fast_rollout=False)
 
 
 def is_toy_dir(path) -> bool:
@@ -17,19 +61,26 @@ def is_toy_dir(path) -> bool:
 
 
 def load_processor(path):
-    """The toy processor for toy checkpoints, `AutoProcessor` for everything else (real Qwen2.5-VL)."""
+    """The toy processor for toy checkpoints, `AutoProcessor` for everything else (the real models)."""
     if is_toy_dir(path):
         from toy import ToyProcessor
 
         return ToyProcessor.from_pretrained(path)
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(path)  # no trust_remote_code: Qwen2.5-VL is built in
+    processor = AutoProcessor.from_pretrained(path)  # no trust_remote_code: the families are built in
     processor.tokenizer.padding_side = "left"
     return processor
 
 
-LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+def lora_targets(family):
+    """peft's target_modules: the family's linear layers, in the language model only (not the vision tower).
+    Example: lora_targets(Family("x", ("q_proj", "v_proj"))) == r".*language_model.*\\.(q_proj|v_proj)"
+    """
+    return r".*language_model.*\.(" + "|".join(family.lora_targets) + ")"
+
+
+LORA_TARGETS = lora_targets(MODEL_FAMILIES["qwen2_5_vl"])  # the paper's model's (bench/trl_vs_ours.py)
 
 
 def load_policy(model_path, *, dtype="auto", load_in_4bit=False, lora_r=0, lora_alpha=None,
@@ -39,14 +90,15 @@ def load_policy(model_path, *, dtype="auto", load_in_4bit=False, lora_r=0, lora_
 
     dtype: "auto" = bf16 on a GPU, fp32 on a CPU; or "bfloat16" / "float16" / "float32".
     load_in_4bit: bitsandbytes nf4 weights with bf16 compute, all frozen (QLoRA: add lora_r > 0 to train).
-    lora_r > 0: LoRA adapters (peft) on the language model's linear layers only.
+    lora_r > 0: LoRA adapters (peft) on the language model's linear layers only (MODEL_FAMILIES).
     freeze_vision: the vision tower and projector get no gradient (the paper freezes them).
     adapter_path: load a saved LoRA adapter on top of `model_path` (trainable if lora_r > 0).
     lora_dropout: of new adapters and of a loaded one (RL uses 0: the sampler runs without dropout, so
     the policy the update differentiates must too).
     """
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
+    family = family_of(AutoConfig.from_pretrained(model_path))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype == "auto":
         bf16 = device != "cpu" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -61,16 +113,16 @@ def load_policy(model_path, *, dtype="auto", load_in_4bit=False, lora_r=0, lora_
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
             bnb_4bit_use_double_quant=True,
             # Patterns match module names from the start or as a suffix: "visual" alone matches nothing.
-            llm_int8_skip_modules=["model.visual", "lm_head"])
+            llm_int8_skip_modules=[family.vision, "lm_head"])
         kwargs["device_map"] = {"": device if device != "cuda" else torch.cuda.current_device()}
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_path, **kwargs)
+    model = AutoModelForImageTextToText.from_pretrained(model_path, **kwargs)
     # Qwen2.5-VL-Instruct's generation_config.json asks for repetition_penalty 1.05: GRPO's ratios assume
     # the samples come from plain softmax(logits / T), and the paper's evaluation decodes greedily.
     model.generation_config.repetition_penalty = 1.0
     if not load_in_4bit:
         model.to(device)
     if freeze_vision:
-        for p in model.model.visual.parameters():  # vision tower + its merger (the projector)
+        for p in model.get_submodule(family.vision).parameters():  # vision tower + its merger (the projector)
             p.requires_grad_(False)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -89,7 +141,7 @@ def load_policy(model_path, *, dtype="auto", load_in_4bit=False, lora_r=0, lora_
         else:
             model = get_peft_model(model, LoraConfig(
                 r=lora_r, lora_alpha=lora_alpha or 2 * lora_r, lora_dropout=lora_dropout,
-                target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
+                target_modules=lora_targets(family), task_type="CAUSAL_LM"))
     return model, load_processor(model_path)
 
 
