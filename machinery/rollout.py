@@ -19,6 +19,12 @@ Same semantics as hf_generate: plain softmax(logits / T) with top-p (no top-k), 
 suppressed, EOS blocked before min_new_tokens, pad after EOS, stop once every row has ended. Greedy output
 is the same token for token; sampled tokens come from the same distribution (not the same random draws).
 
+The families (policy.MODEL_FAMILIES) differ inside the model's forward, which the loop calls as it is: the
+prefill gives Qwen3-VL's DeepStack features to its first layers (decoding steps carry no image). One
+difference is the cache's: Qwen3.5's gated-delta-net layers (linear attention) keep no keys and values but
+a fixed-size recurrent state and the last few inputs of a short convolution; the cache holds those beside
+the full-attention layers' static keys and values, and the prefill copies them to a prompt's G rows alike.
+
     ids, mask, texts = generate(model, processor, batch, max_new_tokens=128, temperature=1.0)
 """
 
@@ -75,9 +81,9 @@ def fast_path_support(model, synced_gpus=False):
         if kinds != {"LORA"}:
             return False, f"peft {sorted(map(str, kinds))}: only LoRA (its layers are inside the forward)"
     gen = core_model(model)
-    # by name along the class's bases: FSDP2 turns the model's class into a subclass of it
-    if "Qwen2_5_VLForConditionalGeneration" not in {c.__name__ for c in type(gen).__mro__}:
-        return False, f"{type(gen).__name__}: only Qwen2_5_VLForConditionalGeneration (M-RoPE) is supported"
+    if not policy.family_of(gen).fast_rollout:  # by the config: FSDP2 turns the class into a subclass of it
+        tested = ", ".join(f.name for f in policy.MODEL_FAMILIES.values() if f.fast_rollout)
+        return False, f"{type(gen).__name__}: the loop is tested on {tested} only"
     for p in gen.parameters():  # ZeRO-3 marks a weight AVAILABLE while it is gathered whole
         if getattr(getattr(p, "ds_status", None), "name", "AVAILABLE") != "AVAILABLE" or \
                 type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor":
@@ -98,7 +104,14 @@ def fast_path_support(model, synced_gpus=False):
     if extras:
         return False, "generation_config adds logits processors (generate applies them): " + ", ".join(extras)
     how = "compiled decode step" if _want_compile(None, gen.device) else "eager decode step"
-    return True, f"static KV cache, {how}" + (" (4-bit weights)" if _is_4bit(gen) else "")
+    state = " + recurrent state" if "linear_attention" in _layer_types(text) else ""
+    return True, f"static KV cache{state}, {how}" + (" (4-bit weights)" if _is_4bit(gen) else "")
+
+
+def _layer_types(text):
+    """Each decoder layer's kind: 'full_attention' (keys and values) or 'linear_attention' (Qwen3.5's gated
+    delta net: a recurrent state)."""
+    return getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
 
 
 def _checkpointing(gen):
@@ -123,11 +136,12 @@ def _want_compile(compile, device):
 
 def mrope_positions(gen, batch):
     """(4, B, L) position ids of a left-padded prompt, built as model.generate builds them
-    (Qwen2_5_VLForConditionalGeneration._prepare_position_ids_for_generation).
+    (_prepare_position_ids_for_generation of Qwen2.5-VL, Qwen3-VL and Qwen3.5 alike).
 
     Row 0: the text position (count of real tokens so far), which the model only uses for masks. Rows 1-3:
-    Qwen2.5-VL's M-RoPE (temporal, height, width): an image's tokens get 2-D grid positions, so after an
-    image the positions run ahead of or behind the token count, and decoding continues from the last one.
+    M-RoPE (temporal, height, width), from the model's own get_rope_index: an image's tokens get 2-D grid
+    positions, so after an image the positions run ahead of or behind the token count, and decoding
+    continues from the last one. (Qwen3's interleave the three over the frequencies; same positions.)
     """
     am = batch["attention_mask"]
     text = (am.long().cumsum(-1) - 1).masked_fill(am == 0, 0)
@@ -209,9 +223,49 @@ def prefill(gen, batch, cache):
     sub = dataset.select_rows(batch, first, gen.config.vision_start_token_id)
     positions = mrope_positions(gen, sub)
     out = gen(**sub, position_ids=positions, use_cache=True, logits_to_keep=1)
-    for i, layer in enumerate(out.cache.layers):
-        cache.update(layer.keys[inverse], layer.values[inverse], i)  # writes slots 0..Lp-1
+    copy_cache_rows(out.cache, cache, inverse)
     return out.logits[inverse, -1], positions[:, inverse]
+
+
+def copy_cache_rows(src, dst, rows):
+    """dst's row b <- src's row rows[b], layer by layer: an attention layer's keys and values into dst's first
+    slots; a linear-attention layer's conv and recurrent states (its whole past, fixed-size) into dst's."""
+    for i, layer in enumerate(src.layers):
+        if hasattr(layer, "recurrent_states"):
+            dst.update_conv_state(layer.conv_states[0][rows], i)
+            dst.update_recurrent_state(layer.recurrent_states[0][rows], i)
+        else:
+            dst.update(layer.keys[rows], layer.values[rows], i)  # writes slots 0..Lp-1
+
+
+def repeat_cache_rows(cache, rows):
+    """A prompt pass's cache (P rows) made, in place, the cache of its len(rows) continuations, row b <- row
+    rows[b], for a forward with gradients (03's prompt_shared_logprobs): keys and values are indexed (the
+    gradient flows back through the index); a linear-attention layer's states go into a layer that replaces
+    them as the continuation runs, where transformers' own writes into them in place, which the backward of
+    the prompt pass cannot go through."""
+    from transformers.cache_utils import LinearAttentionLayer
+
+    class Continuation(LinearAttentionLayer):
+        def update_conv_state(self, conv_states, state_idx=0, **kwargs):
+            full = torch.cat([self.conv_states[state_idx], conv_states], -1)  # the convolution's left context
+            self.conv_states[state_idx] = full[..., -self.conv_kernel_size[state_idx]:]
+            return full
+
+        def update_recurrent_state(self, recurrent_states, state_idx=0, **kwargs):
+            self.recurrent_states[state_idx] = recurrent_states
+            return recurrent_states
+
+    for i, layer in enumerate(cache.layers):
+        if hasattr(layer, "recurrent_states"):
+            new = Continuation()
+            new.device, new.dtype, new.conv_kernel_size = layer.device, layer.dtype, dict(layer.conv_kernel_size)
+            new.conv_states[0], new.recurrent_states[0] = layer.conv_states[0][rows], layer.recurrent_states[0][rows]
+            new.is_conv_states_initialized[0] = new.is_recurrent_states_initialized[0] = True
+            new.has_previous_state[0] = True
+            cache.layers[i] = new
+        else:  # (P, heads, Lp, d) -> (b, heads, Lp, d)
+            layer.keys, layer.values = layer.keys[rows], layer.values[rows]
 
 
 def sdpa_decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -281,7 +335,7 @@ class _Decoder:
         self.mask_dtype = gen.dtype
         self.compiled, self.live_slicing = None, not compile
         if compile:
-            self.cache = StaticCache(config=gen.config, max_cache_len=cache_len)
+            self.cache = StaticCache(config=gen.config, max_cache_len=cache_len)  # per layer type, as below
             # reduce-overhead: CUDA graphs, one replay per token. fullgraph: a graph break would split the
             # step and the CUDA graph with it. dynamic=False: every step has the same shapes. bitsandbytes'
             # 4-bit layers trace as one graph too (bitsandbytes >= 0.45 registers its ops with torch).
@@ -289,8 +343,11 @@ class _Decoder:
             self.compiled = torch.compile(self.step, backend=compile, mode=mode, fullgraph=True,
                                           dynamic=False)
         else:
-            layer = _live_static_layer()
-            self.cache = Cache(layers=[layer(max_cache_len=cache_len) for _ in range(text.num_hidden_layers)])
+            from transformers.cache_utils import LinearAttentionLayer
+
+            live = _live_static_layer()
+            self.cache = Cache(layers=[LinearAttentionLayer() if kind == "linear_attention" else
+                                       live(max_cache_len=cache_len) for kind in _layer_types(text)])
 
     def step(self, tokens, positions, kv_valid, bias, temperature, top_p, want_logprobs):
         """One token per row through the model: tokens (B, 1), positions (4, B, 1), kv_valid (B, S) which
@@ -310,7 +367,8 @@ class _Decoder:
             if self.live_slicing:
                 live = int(kv_valid.any(0).nonzero().max()) + 1
                 for layer in self.cache.layers:
-                    layer.live = live
+                    if hasattr(layer, "live"):  # attention layers (a recurrent state has no length)
+                        layer.live = live
                 kv_valid = kv_valid[:, :live]
             return self.step(tokens, positions, kv_valid, *args)
         if tokens.device.type == "cuda":
