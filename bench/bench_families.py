@@ -5,9 +5,10 @@ generate as fast as trained ones when the length is forced).
 
 Each setting: P toy prompts with images, each G times (GRPO's groups), sampled at T = 1, generation forced
 to L tokens (min_new_tokens = max_new_tokens: every row runs every step); the median of `--repeats` timed
-runs after one warm-up run. Tokens per second = P x G x L / seconds, generation only (prefill included).
+runs after one warm-up run, the two paths taking turns. Tokens per second = P x G x L / seconds of
+generation (the prefill, vision tower included, counts in the seconds).
 
-    OMP_NUM_THREADS=1 python bench/bench_families.py          # 3 families x (4 x 8) x {64, 128} tokens, ~2 min
+    OMP_NUM_THREADS=1 python bench/bench_families.py          # 3 families x (4 x 8) x {64, 128} tokens, ~3 min
     OMP_NUM_THREADS=1 python bench/bench_families.py --families qwen3_5 --lengths 256 --prompts 8
 """
 
@@ -24,27 +25,29 @@ sys.path.insert(0, ROOT)
 
 from machinery import dataset, rollout  # noqa: E402
 import toy  # noqa: E402
-from toy.families import MODEL_FAMILIES  # noqa: E402
+from toy.families import TOY_FAMILIES  # noqa: E402
 
 
-def timed(fn, repeats):
-    """Median seconds of `repeats` calls of fn after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def timed(fns, repeats):
+    """{name: median seconds of `repeats` calls} of each function of `fns`, after one warm-up call each; the
+    functions take turns, so that a busy spell of the machine slows them alike."""
+    times = {name: [] for name in fns}
+    for i in range(repeats + 1):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            if i:
+                times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--families", default=",".join(MODEL_FAMILIES), help="model families, comma-separated")
+    p.add_argument("--families", default=",".join(TOY_FAMILIES), help="model families, comma-separated")
     p.add_argument("--prompts", type=int, default=4, help="distinct prompts P (each with its image)")
     p.add_argument("--group_size", type=int, default=8, help="samples per prompt G")
     p.add_argument("--lengths", default="64,128", help="forced completion lengths L, comma-separated")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per setting (after a warm-up run)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per setting (after a warm-up run)")
     p.add_argument("--hidden", type=int, default=128, help="hidden size of the tiny models")
     p.add_argument("--layers", type=int, default=4, help="decoder layers (Qwen3.5: 3 linear-attention, 1 full)")
     a = p.parse_args()
@@ -64,10 +67,10 @@ def main():
         why = rollout.fast_path_support(model)[1]
         for L in map(int, a.lengths.split(",")):
             kw = dict(max_new_tokens=L, min_new_tokens=L, temperature=1.0)
-            seconds = {name: timed(lambda: fn(model, processor, group, **kw), a.repeats)
-                       for name, fn in (("fast", rollout.fast_generate), ("hf", rollout.hf_generate))}
+            seconds = timed({"fast": lambda: rollout.fast_generate(model, processor, group, **kw),
+                             "hf": lambda: rollout.hf_generate(model, processor, group, **kw)}, a.repeats)
             tps = {k: len(group["input_ids"]) * L / v for k, v in seconds.items()}
-            print(f"{MODEL_FAMILIES[family]['name']:>12} {L:>4} | {tps['fast']:>10.0f} {tps['hf']:>9.0f} | "
+            print(f"{TOY_FAMILIES[family]['name']:>12} {L:>4} | {tps['fast']:>10.0f} {tps['hf']:>9.0f} | "
                   f"{tps['fast'] / tps['hf']:>6.2f}x | {why}", flush=True)
         rollout.release()
 

@@ -74,8 +74,9 @@ def main():
     print(f"\n{a.family}: 03's reward and final accuracy, mean over steps (seconds per stage: {seconds})")
     for s in range(0, len(rows), tenth):
         part = rows[s:s + tenth]
-        print(f"  steps {part[0]['step']:>3}-{part[-1]['step']:<3} reward {sum(r['reward'] for r in part) / len(part):.3f}"
-              f"  final acc {sum(r['final_accuracy'] for r in part) / len(part):.3f}")
+        mean = {k: sum(r[k] for r in part) / len(part) for k in ("reward", "final_accuracy")}
+        print(f"  steps {part[0]['step']:>3}-{part[-1]['step']:<3} reward {mean['reward']:.3f}  "
+              f"final acc {mean['final_accuracy']:.3f}")
     comparison = json.load(open(os.path.join(out, "eval", "toy-test", "comparison.json")))
     print("04: " + ", ".join(f"{m} final {c['final_accuracy']:.1%} (first {c['first_accuracy']:.1%})"
                              for m, c in comparison.items()))

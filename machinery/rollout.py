@@ -239,11 +239,11 @@ def copy_cache_rows(src, dst, rows):
 
 
 def repeat_cache_rows(cache, rows):
-    """A prompt pass's cache (P rows) made, in place, the cache of its len(rows) continuations, row b <- row
-    rows[b], for a forward with gradients (03's prompt_shared_logprobs): keys and values are indexed (the
-    gradient flows back through the index); a linear-attention layer's states go into a layer that replaces
-    them as the continuation runs, where transformers' own writes into them in place, which the backward of
-    the prompt pass cannot go through."""
+    """A prompt pass's cache (P rows) turned, in place, into the cache its len(rows) continuations read, row b
+    <- row rows[b], for a forward with gradients (03's prompt_shared_logprobs). Keys and values are indexed
+    (the gradient flows back through the index). A linear-attention layer's states are indexed into a layer
+    that replaces them when the continuation updates them: transformers' own copies the update into the old
+    tensor in place, which the prompt pass's backward still needs."""
     from transformers.cache_utils import LinearAttentionLayer
 
     class Continuation(LinearAttentionLayer):

@@ -1,12 +1,15 @@
-"""The model families the toy builds: Qwen2.5-VL, Qwen3-VL and Qwen3.5, one entry each in MODEL_FAMILIES.
+"""The model families the toy builds: Qwen2.5-VL, Qwen3-VL and Qwen3.5, one entry each in TOY_FAMILIES (by
+the config's model_type; what differs when loading and training any checkpoint of them is in
+machinery/policy.py: MODEL_FAMILIES).
 
 What a family changes on the toy's side, and nothing else:
   * the image processor's settings, as the family's released processor has them (Qwen2.5-VL: 14-px
     patches, CLIP's mean/std; Qwen3-VL and Qwen3.5: 16-px patches, mean/std 0.5). The pixel budget is
-    the toy's own (the toy's 112x112 picture stays 16 image tokens), not the released 256x256 minimum;
+    the toy's own, so that the toy's 112x112 picture is 16 image tokens in every family (the released
+    Qwen3-VL processor scales any image up to at least 256x256 pixels);
   * its chat template, trimmed to what the stages use (system/user/assistant, text and image parts).
     Qwen3.5's adds its thinking switch: the generation prompt opens a think block, or with
-    enable_thinking=False closes an empty one (dataset.build_prompt asks for that: the paper's format
+    enable_thinking=False closes an empty one (machinery/dataset.py asks for that: the paper's format
     writes its own <think> tags);
   * the tiny random-weight model, built from the family's own config class (the real architecture):
     Qwen3-VL with interleaved M-RoPE and DeepStack (vision features added to the first decoder layers),
@@ -15,8 +18,8 @@ What a family changes on the toy's side, and nothing else:
 The tokenizer is the same for every family (toy/model.py: build_tokenizer); the special tokens the
 families share (<|im_start|>, <|vision_start|>, <|image_pad|>, ...) keep their names.
 
-    cfg = MODEL_FAMILIES["qwen3_vl"]
-    config = tiny_config("qwen3_vl", tokenizer, hidden=128, layers=4)
+    processor = toy.ToyProcessor.build(tokenizer, family="qwen3_vl")
+    model = toy.build_tiny_model(tokenizer, family="qwen3_vl")   # from tiny_config("qwen3_vl", tokenizer)
 """
 
 # Qwen2.5-VL's chat template, trimmed (Qwen3-VL-Instruct's renders the same text for these messages).
@@ -43,7 +46,7 @@ _QWEN2_5_IMAGES = dict(patch_size=14, merge_size=2, temporal_patch_size=2,
                        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711])
 _QWEN3_IMAGES = dict(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
 
-MODEL_FAMILIES = {
+TOY_FAMILIES = {
     # model_type: (the name users know, image processor settings, chat template)
     "qwen2_5_vl": dict(name="Qwen2.5-VL", images=_QWEN2_5_IMAGES, chat_template=CHAT_TEMPLATE),
     "qwen3_vl": dict(name="Qwen3-VL", images=_QWEN3_IMAGES, chat_template=CHAT_TEMPLATE),
@@ -52,8 +55,8 @@ MODEL_FAMILIES = {
 
 
 def check_family(family):
-    if family not in MODEL_FAMILIES:
-        raise ValueError(f"unknown model family {family!r}: one of {', '.join(MODEL_FAMILIES)}")
+    if family not in TOY_FAMILIES:
+        raise ValueError(f"unknown model family {family!r}: one of {', '.join(TOY_FAMILIES)}")
     return family
 
 
@@ -63,7 +66,7 @@ def image_processor(family, image_size):
     patches (2x2 merged: 28 px a token) and becomes 128 with 16-px patches (32 px a token)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    settings = MODEL_FAMILIES[check_family(family)]["images"]
+    settings = TOY_FAMILIES[check_family(family)]["images"]
     token = settings["patch_size"] * settings["merge_size"]  # pixels per image token, per side
     side = round(image_size / token) * token  # what the processor resizes image_size to
     return Qwen2VLImageProcessorPil(**settings, min_pixels=token * token, max_pixels=max(side, token) ** 2)
@@ -91,7 +94,7 @@ def tiny_config(family, tokenizer, *, hidden=128, layers=4, vision_hidden=64, vi
                 eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"))
     vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_heads=2,
                   out_hidden_size=hidden, spatial_merge_size=2, temporal_patch_size=2,
-                  patch_size=MODEL_FAMILIES[check_family(family)]["images"]["patch_size"])
+                  patch_size=TOY_FAMILIES[check_family(family)]["images"]["patch_size"])
     tokens = dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
                   vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
                   tie_word_embeddings=True)

@@ -12,7 +12,7 @@ and Qwen3.5 too, toy/families.py).
 import json
 import os
 
-from toy.families import CHAT_TEMPLATE, MODEL_FAMILIES, check_family, image_processor, tiny_config
+from toy.families import CHAT_TEMPLATE, TOY_FAMILIES, check_family, image_processor, tiny_config
 from toy.world import (FAMILIES, IMAGE_SIZE, MAX_ADDEND, MAX_DOTS, MAX_MULTIPLIER, STEP_CUE, TEST_SEED_OFFSET,
                        _steps_text, check_steps, check_task, cot_response, make_problem, oracle_reflection,
                        single_step_problem, solution_text)
@@ -94,7 +94,7 @@ class ToyProcessor:
     def build(cls, tokenizer, task="toy", family="qwen2_5_vl"):
         """The processor of a toy model of `family` (toy/families.py): its image settings, its chat template
         (set on `tokenizer`). A 112x112 image is 16 image tokens in every family."""
-        tokenizer.chat_template = MODEL_FAMILIES[check_family(family)]["chat_template"]
+        tokenizer.chat_template = TOY_FAMILIES[check_family(family)]["chat_template"]
         return cls(tokenizer, image_processor(family, IMAGE_SIZE), task)
 
     def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False, **kw):
