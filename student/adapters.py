@@ -20,18 +20,27 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+import rewards  # noqa: E402 (the root is on the path now)
+from machinery import dataset  # noqa: E402
+
+# The reward's pieces as they are at import: student/switch.py rebinds them in rewards.py for a student's run,
+# and a core.py that calls this reference must still reach the project's own, not loop back into itself.
+PROJECT = {"f_len": rewards.f_len, "EFFECTIVENESS": dict(rewards.EFFECTIVENESS)}
+
 FUNCTIONS = ("sft_labels", "sft_loss", "response_logprobs", "i_eff", "f_len", "group_advantages", "grpo_loss")
 EQUATIONS = {"sft_labels": "Eq. 1", "sft_loss": "Eq. 1", "response_logprobs": "the log-probs of Eq. 2",
              "i_eff": "Eq. 7", "f_len": "Eq. 8", "group_advantages": "Eq. 3", "grpo_loss": "Eq. 2"}
 
 
-def script(name):
-    """A numbered script (e.g. '03_grpo') as a module; importing it only defines its functions."""
-    if name in sys.modules:  # the test suite may have loaded it already
+def script(name, module_name=None):
+    """A numbered script (e.g. '03_grpo') as a module; importing it only defines its functions. Under its own
+    name it is loaded once (the test suite may have loaded it already); under another, a fresh copy."""
+    module_name = module_name or name
+    if module_name == name and name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, name + ".py"))
+    spec = importlib.util.spec_from_file_location(module_name, os.path.join(ROOT, name + ".py"))
     module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up by name
+    sys.modules[module_name] = module  # dataclasses look their module up by name
     spec.loader.exec_module(module)
     return module
 
@@ -65,8 +74,6 @@ class _Replay:
 
 
 def ref_sft_labels(input_ids, attention_mask, prompt_lens):
-    from machinery import dataset
-
     B = len(input_ids)
     batch = dataset.encode_sft(_Replay(input_ids, attention_mask, prompt_lens), [str(i) for i in range(B)],
                                [None] * B, ["target"] * B, "system")
@@ -99,15 +106,11 @@ def ref_response_logprobs(logits, input_ids, prompt_len, temperature=1.0):
 
 
 def ref_i_eff(first_correct, final_correct):
-    import rewards
-
-    return rewards.EFFECTIVENESS[(bool(first_correct), bool(final_correct))]
+    return PROJECT["EFFECTIVENESS"][(bool(first_correct), bool(final_correct))]
 
 
 def ref_f_len(response_len, first_len):
-    import rewards
-
-    return rewards.f_len(response_len, first_len)
+    return PROJECT["f_len"](response_len, first_len)
 
 
 def ref_group_advantages(rewards):

@@ -73,7 +73,7 @@ def sft_loss_not_shifted(logits, labels):
 
 
 def sft_loss_sequence_mean(logits, labels):
-    """Each row's token mean, then the mean over rows: a short target's tokens weigh more than 02's."""
+    """Each row's token mean, then the mean over rows: a short target's tokens weigh more than in 02."""
     ce = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels[:, 1:], reduction="none")  # (B, L-1)
     n = (labels[:, 1:] != -100).sum(1)
     return (ce.sum(1) / n.clamp(min=1)).mean()
