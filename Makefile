@@ -2,7 +2,7 @@
 # model; `make test`: the test suite (what CI runs); `make base`: rebuild the shipped base model (00);
 # `make demo-dots`: the contrast, the dots task, from its own base model; `make seeds`: the demo and the
 # headroom gauge on seeds 0, 1 and 2, and the tables across them; `make ablations`: the paper's ablation
-# rows (and five of ours) on one seed.
+# rows (and five of ours) on one seed; `make grade`: grade the student track (student/core.py; REF=1: the project's own).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
