@@ -103,6 +103,9 @@ class Args(dataset.DataArgs):
     """when the pool is short of right (or wrong) answers, fill N from the other kind"""
     teacher: str = "oracle"
     """'oracle' (toy stand-in), 'openai' (OpenAI-compatible endpoint) or 'hf' (local model)"""
+    oracle_reread: bool = True
+    """oracle, two-step task: the check reads n off the image again before the two operations (without it,
+    an exercise: what must a reflection contain for SFT to learn the check?)"""
     teacher_model: str = "o4-mini"
     """openai: the model name; hf: a model directory or hub id"""
     base_url: str = "https://api.openai.com/v1"
@@ -335,7 +338,7 @@ def teacher_prompt(item) -> str:
 def oracle_teacher(items, args):
     """Toy only: toy.oracle_reflection reads the structured solution. A stand-in for a real teacher."""
     for item in items:
-        yield item, toy.oracle_reflection(item, item["think"], item["correct"]), None
+        yield item, toy.oracle_reflection(item, item["think"], item["correct"], reread=args.oracle_reread), None
 
 
 def teacher_client(args, key) -> llm_client.ChatClient:

@@ -22,7 +22,7 @@ RL_ARGS ?=
 side_by_side = $(2) > $(1) 2>&1 & $(3); fg=$$?; wait $$!; bg=$$?; \
 	[ $$bg -eq 0 ] || tail -n 20 $(1); [ $$fg -eq 0 ] && [ $$bg -eq 0 ]
 
-.PHONY: demo demo-dots base seeds ablations test clean
+.PHONY: demo demo-dots base seeds ablations exercise test clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -127,6 +127,52 @@ demo-dots: $(VENV)/.installed
 	OMP_NUM_THREADS=$(THREADS) $(PY) 04_eval.py --benchmark toy-dots --out_dir $(DOTS_DEMO) \
 		--models base=$(DOTS)/base@plain,sft=$(DOTS)/sft,srpo=$(DOTS)/srpo,grpo=$(DOTS)/grpo@plain
 	@echo "comparison: $(DOTS_DEMO)/toy-dots-test/comparison.md"
+
+# The classroom exercises (EXERCISES.md): `make exercise N=<n>` runs exercise n into $(EX)/ex<n>, which
+# `make demo` and `make ablations` never delete, from the demo's models in $(OUT) (made first if missing),
+# and compares its model with the reference (stage 1: the demo's reflection SFT; stage 2: its SRPO) on 500
+# test problems: $(EX)/ex<n>/eval/toy-test/comparison.md. 02 and 03 run at one thread, as the demo's do.
+EX ?= runs/exercises
+X = $(EX)/ex$(N)
+SFT_X = $(PY) 02_sft.py --model $(BASE) --seed $(SEED) --out_dir $(X)/model $(SFT_ARGS)
+RL_X = $(PY) 03_grpo.py --model $(OUT)/sft --seed $(SEED) --out_dir $(X)/model $(RL_ARGS)
+REFLECT_X = OMP_NUM_THREADS=$(THREADS) $(PY) 01_reflect_data.py --model $(BASE) --seed $(SEED) --out_dir $(X)/reflect
+EXERCISE_1 = $(REFLECT_X) $(REFLECT_ARGS) --correct_fraction 0.7 && $(SFT_X) --data $(X)/reflect/sft_reflect.jsonl
+EXERCISE_2 = $(REFLECT_X) && $(SFT_X) --data $(X)/reflect/sft_reflect.jsonl
+EXERCISE_3 = $(REFLECT_X) $(REFLECT_ARGS) --no-oracle_reread && $(SFT_X) --data $(X)/reflect/sft_reflect.jsonl
+EXERCISE_4 = $(SFT_X) --data $(OUT)/reflect/sft_reflect.jsonl --epochs 1
+EXERCISE_5 = $(SFT_X) --data $(OUT)/reflect/sft_reflect.jsonl --no-train_first_attempt
+EXERCISE_6 = $(RL_X) --alpha 0
+EXERCISE_7 = $(RL_X) --no-use_effectiveness
+EXERCISE_8 = $(RL_X) --reward released
+EXERCISE_9 = $(RL_X) --kl_coef 0.1
+EXERCISE_10 = $(RL_X) --group_size 2 --prompts_per_step 128
+EXERCISE_11 = $(RL_X) --filter none
+EXERCISE_12 = $(RL_X) --updates_per_rollout 4
+EXERCISE_13 = $(RL_X) --loss_agg seq-mean-token-mean
+EXERCISE_14 = $(RL_X)
+EXERCISE_REF = $(if $(filter $(N),1 2 3 4 5),$(OUT)/sft,$(OUT)/srpo)
+exercise: $(VENV)/.installed
+	@case "$(N)" in [0-9]|1[0-8]) ;; *) echo "make exercise N=<0-18> (EXERCISES.md)"; exit 2;; esac
+	[ -f $(OUT)/srpo/model.safetensors ] || $(MAKE) demo SEED=$(SEED) OUT=$(OUT) DEMO=$(DEMO)
+	rm -rf $(X) && mkdir -p $(X)
+ifeq ($(N),0)
+	@echo "exercise 0 is reading: README.md's paper-to-code table, then 03_grpo.py:group_advantages"
+else ifeq ($(N),15)
+	OMP_NUM_THREADS=$(THREADS) $(PY) 04_eval.py --benchmark toy --seed $(SEED) --models sft=$(OUT)/sft --samples 16 --limit 500 --out_dir $(X)
+else ifeq ($(N),16)
+	cat $(DEMO)/comparison.md
+else ifeq ($(N),17)
+	[ -f runs/toy-dots/srpo/model.safetensors ] || $(MAKE) demo-dots
+	$(PY) probe/probe_confidence.py --model runs/toy-dots/base | tee $(X)/base.txt
+	$(PY) probe/probe_confidence.py --model runs/toy-dots/sft --prompt reflect | tee $(X)/sft.txt
+else ifeq ($(N),18)
+	cat $(DEMO)/comparison.md runs/demo-dots/toy-dots-test/comparison.md toy/base_model/eval.json
+else
+	$(EXERCISE_$(N))
+	OMP_NUM_THREADS=$(THREADS) $(PY) 04_eval.py --benchmark toy --seed $(SEED) --limit 500 --out_dir $(X)/eval \
+		--models reference=$(EXERCISE_REF),ex$(N)=$(X)/model
+endif
 
 # DeepSpeed, for the ZeRO-2/3 tests only (tests/test_sharded.py): not in requirements.txt, since the toy
 # never needs it. DS_BUILD_OPS=0: nothing is compiled at install time (on a CPU the first run compiles

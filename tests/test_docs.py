@@ -6,6 +6,7 @@ import glob
 import os
 import re
 import shlex
+import subprocess
 
 import pytest
 from conftest import ROOT, load_script
@@ -108,3 +109,17 @@ def test_the_files_the_docs_name_exist():
                 continue  # a run's outputs or a file the reader brings
             folders = ("", "machinery", "toy", "docs")  # a name given inside its folder's row or sentence
             assert any(os.path.exists(os.path.join(ROOT, f, ref)) for f in folders), f"{doc} names {ref}: missing"
+
+
+def test_every_exercise_target_runs_commands_that_parse():
+    """`make exercise N=<n>` for every exercise of EXERCISES.md: the stage commands it would run parse."""
+    headings = re.findall(r"^## (\d+)\. ", open(os.path.join(ROOT, "EXERCISES.md")).read(), re.M)
+    assert [int(h) for h in headings] == list(range(len(headings)))
+    for n in headings:
+        out = subprocess.run(["make", "-n", "exercise", f"N={n}"], cwd=ROOT, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        for script, argv in _commands(re.sub(r"\s\d?>&?\s*\S+", " ", out.stdout)):  # no redirections
+            try:
+                cli.parse_args(load_script(script).Args, argv)
+            except SystemExit:
+                pytest.fail(f"make exercise N={n}: `{script}.py {' '.join(argv)}` does not parse")

@@ -321,3 +321,12 @@ def test_problem_from_id_rebuilds_either_task():
         assert q["question"] == p["question"] and np.array_equal(np.asarray(q["image"]), np.asarray(p["image"]))
     with pytest.raises(ValueError, match="unknown toy task"):
         toy.make_problem(1, "toy-bars")
+
+
+def test_the_oracle_check_without_the_reread_drops_only_the_reread():
+    for seed in range(20):
+        p = toy.make_problem(seed)
+        (colour, n), = json.loads(p["solution"])["reads"]
+        cot = toy.cot_response(p)
+        full, bare = toy.oracle_reflection(p, cot, True), toy.oracle_reflection(p, cot, True, reread=False)
+        assert full.startswith(f"Check: {colour}: {n}. ") and full == bare.replace("Check: ", f"Check: {colour}: {n}. ", 1)

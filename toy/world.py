@@ -298,7 +298,7 @@ _READ_RE = re.compile(r"\b(red|green|blue): (\d+)")
 _RESULT_RE = re.compile(r"= (\d+)\.")
 
 
-def oracle_reflection(problem: dict, policy_cot: str, policy_correct: bool) -> str:
+def oracle_reflection(problem: dict, policy_cot: str, policy_correct: bool, reread: bool = True) -> str:
     """The toy teacher: a reflection, a stand-in for the paper's o4-mini.
 
     Two-step task: the check procedure in the form the base model runs it when asked (toy.STEP_CUE),
@@ -306,7 +306,7 @@ def oracle_reflection(problem: dict, policy_cot: str, policy_correct: bool) -> s
     the two single operations, then whether they agree with the first attempt's result, e.g.
     "Check: blue: 5. 5 x 7 = 35. 35 + 3 = 38. The first answer is wrong." Nothing in it is
     something the student could not reproduce (`policy_correct` is not used: the verdict compares
-    the check with the result the first attempt wrote).
+    the check with the result the first attempt wrote). `reread=False` leaves out "blue: 5." (an exercise).
     Dots task: like the paper's teacher it sees the policy's reasoning and the correct answer; for a
     wrong answer it names the first wrong step and redoes the reasoning from there; for a right one
     it confirms the steps in the shortest form.
@@ -317,7 +317,8 @@ def oracle_reflection(problem: dict, policy_cot: str, policy_correct: bool) -> s
         steps = check_steps(sol["op"], n, sol["m"], sol["c"])
         written = _RESULT_RE.findall((policy_cot or "").split("</think>")[0])  # the first attempt's result
         verdict = "right" if written and int(written[-1]) == steps[-1][-1] else "wrong"
-        return f"Check: {colour}: {n}. {_steps_text(steps)} The first answer is {verdict}."
+        read = f"{colour}: {n}. " if reread else ""
+        return f"Check: {read}{_steps_text(steps)} The first answer is {verdict}."
     truth = [tuple(r) for r in sol["reads"]]
     seen = dict((c, int(v)) for c, v in _READ_RE.findall(policy_cot or ""))
     fix = solution_text(truth, sol["op"])
