@@ -215,6 +215,7 @@ def write_report(args: Args):
             tok = policy.load_processor(model_path).tokenizer
             count_tokens = lambda s: len(tok(s, add_special_tokens=False).input_ids)  # noqa: E731
         body.append(f"<h2>What {html.escape(args.model)} writes</h2>")
+        body.append(DRIFT_NOTE)
         for anchor, title, first, final in KINDS:
             chosen = [r for r in items if bool(r["first_correct"]) == first and bool(r["correct"]) == final]
             body.append(f"<h3 id=\"{anchor}\">{html.escape(title)} ({len(chosen)} of {len(items)})</h3>")
@@ -226,6 +227,14 @@ def write_report(args: Args):
         f.write(page)
     print(f"report: {path}")
     return path
+
+
+# Shown above the responses: what a reader otherwise takes for a bug.
+DRIFT_NOTE = ("<p class=\"small\">Read the reflection's words with the reward in mind: no reward term reads them. "
+              "The reward pays for the second answer (R_accuracy, I_eff), the layout (R_format, I_ref) and the "
+              "length (f_len), so after RL the verdict (\"The first answer is wrong.\") and the colour the "
+              "check names drift to whatever the policy writes most, even over a right first answer it keeps: "
+              "the numbers are checked, the words are not (EXERCISES.md, exercise 14).</p>")
 
 
 # The paper's 7B ablation (average over MathVista, MathVerse, MathVision, MMMU-Pro and Physics) and ours:
