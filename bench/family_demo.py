@@ -7,7 +7,8 @@ The stages after it run as `make demo` runs them, unchanged: 01 (the demo's reci
 03 (SRPO, --steps), then 04 on the base, SFT and SRPO models. Every stage's output is under --out; the
 reward and accuracy per RL step are in srpo/metrics.jsonl, and printed at the end by tenths of the run.
 
-    OMP_NUM_THREADS=2 python bench/family_demo.py --family qwen3_vl --out runs/family-qwen3_vl   # ~30 min, 2 cores
+    OMP_NUM_THREADS=1 python bench/family_demo.py --family qwen3_vl     # ~36 min on a busy 2-core machine
+    OMP_NUM_THREADS=1 python bench/family_demo.py --family qwen3_5 --rl_args=--no-share_prompts
 """
 
 import argparse
@@ -52,6 +53,7 @@ def main():
     p.add_argument("--seed", type=int, default=0, help="every stage's seed")
     p.add_argument("--steps", type=int, default=60, help="03's RL steps (the demo's 60)")
     p.add_argument("--eval_limit", type=int, default=500, help="04's test problems")
+    p.add_argument("--rl_args", default="", help="more 03 flags, e.g. '--no-share_prompts'")
     a = p.parse_args()
     out = os.path.abspath(a.out or os.path.join(ROOT, "runs", f"family-{a.family}"))
     base, seconds = os.path.join(out, "base"), {}
@@ -64,7 +66,7 @@ def main():
     seconds["02"] = stage("02_sft.py", "--model", base, "--data", f"{out}/reflect/sft_reflect.jsonl",
                           "--out_dir", f"{out}/sft", "--seed", a.seed, "--eval_size", 0)
     seconds["03"] = stage("03_grpo.py", "--model", f"{out}/sft", "--out_dir", f"{out}/srpo", "--seed", a.seed,
-                          "--steps", a.steps)
+                          "--steps", a.steps, *a.rl_args.split())
     seconds["04"] = stage("04_eval.py", "--benchmark", "toy", "--seed", a.seed, "--limit", a.eval_limit,
                           "--out_dir", f"{out}/eval",
                           "--models", f"base={base}@plain,sft={out}/sft,srpo={out}/srpo")

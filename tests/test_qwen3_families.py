@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from machinery import dataset, policy, rollout
 import toy
-from toy.families import TOY_FAMILIES
+from toy.families import TOY_FAMILIES, tiny_config
 from conftest import ROOT, load_script
 from test_sft import make_sft_jsonl
 from test_sharded import launch, needs_deepspeed  # launch: accelerate launch, 2 CPU processes
@@ -217,6 +217,27 @@ def test_fast_rollout_equals_generate_token_for_token(family, family_dir):
     assert rollout._slot.compiled is not None
     rollout.release()
     _assert_same(fast, rollout.hf_generate(model, proc, batch, max_new_tokens=12))
+
+
+def test_an_untested_family_loads_and_rolls_out_with_hf_generate_and_says_why(capsys, monkeypatch):
+    """Qwen3-VL-MoE (not in policy.MODEL_FAMILIES): HF generate, and the reason printed."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    tok = toy.build_tokenizer()
+    dense = tiny_config("qwen3_vl", tok, hidden=64, layers=2).to_dict()
+    text, vision = ({k: v for k, v in dense[part].items() if k not in ("model_type", "transformers_version")}
+                    for part in ("text_config", "vision_config"))
+    text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    config = AutoConfig.for_model("qwen3_vl_moe", text_config=text, vision_config=vision, tie_word_embeddings=True,
+                                  **{k: dense[k] for k in dense if k.endswith("_token_id")})
+    model = AutoModelForImageTextToText.from_config(config).eval()
+    assert policy.family_of(model).name == "qwen3_vl_moe (untested)"
+    proc = toy.ToyProcessor.build(tok, family="qwen3_vl")
+    monkeypatch.setattr(rollout, "_said", set())
+    batch = dataset.encode_prompts(proc, ["What is 2 + 3?"], [toy.make_problem(1)["image"]], PLAIN)
+    assert rollout.generate(model, proc, batch, max_new_tokens=4)[0].shape == (1, 4)
+    assert "rollout: HF generate (Qwen3VLMoeForConditionalGeneration: the loop is tested on Qwen2.5-VL, " \
+        "Qwen3-VL, Qwen3.5 only)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("family", NEW)
