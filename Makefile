@@ -22,7 +22,7 @@ RL_ARGS ?=
 side_by_side = $(2) > $(1) 2>&1 & $(3); fg=$$?; wait $$!; bg=$$?; \
 	[ $$bg -eq 0 ] || tail -n 20 $(1); [ $$fg -eq 0 ] && [ $$bg -eq 0 ]
 
-.PHONY: demo demo-dots base seeds ablations exercise test clean
+.PHONY: demo demo-dots base seeds ablations exercise answers test clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -155,7 +155,7 @@ EXERCISE_REF = $(if $(filter $(N),1 2 3 4 5),$(OUT)/sft,$(OUT)/srpo)
 exercise: $(VENV)/.installed
 	@case "$(N)" in [0-9]|1[0-8]) ;; *) echo "make exercise N=<0-18> (EXERCISES.md)"; exit 2;; esac
 	[ -f $(OUT)/srpo/model.safetensors ] || $(MAKE) demo SEED=$(SEED) OUT=$(OUT) DEMO=$(DEMO)
-	rm -rf $(X) && mkdir -p $(X)
+	rm -rf $(X) && mkdir -p $(X) && date +%s > $(X)/started
 ifeq ($(N),0)
 	@echo "exercise 0 is reading: README.md's paper-to-code table, then 03_grpo.py:group_advantages"
 else ifeq ($(N),15)
@@ -173,6 +173,17 @@ else
 	OMP_NUM_THREADS=$(THREADS) $(PY) 04_eval.py --benchmark toy --seed $(SEED) --limit 500 --out_dir $(X)/eval \
 		--models reference=$(EXERCISE_REF),ex$(N)=$(X)/model
 endif
+	@echo $$(( $$(date +%s) - $$(cat $(X)/started) )) > $(X)/seconds.txt
+
+# The teacher's answer key, docs/answers.md: every exercise that trains or measures (1-15) run as above, two
+# at a time on one thread each (about 45 minutes on 2 cores), then the key from their outputs.
+answers: $(VENV)/.installed
+	[ -f $(OUT)/srpo/model.safetensors ] || $(MAKE) demo SEED=$(SEED) OUT=$(OUT) DEMO=$(DEMO)
+	mkdir -p $(EX)
+	$(call side_by_side,$(EX)/lane2.log,\
+		for n in 2 4 6 8 10 12 14; do $(MAKE) exercise N=$$n THREADS=1 || exit 1; done,\
+		for n in 1 3 5 7 9 11 13 15; do $(MAKE) exercise N=$$n THREADS=1 || exit 1; done)
+	$(PY) report.py --answers $(EX) --answers_out docs/answers.md
 
 # DeepSpeed, for the ZeRO-2/3 tests only (tests/test_sharded.py): not in requirements.txt, since the toy
 # never needs it. DS_BUILD_OPS=0: nothing is compiled at install time (on a CPU the first run compiles

@@ -71,6 +71,11 @@ class Args:
     written to ablations.md there)"""
     ablations_dir: str = "runs/ablations/eval"
     """the page shows this `make ablations` table too, when it has been made"""
+    answers: str = ""
+    """instead of the page: the folder of `make exercise` runs (runs/exercises) -> the teacher's answer key
+    (printed, and written to --answers_out)"""
+    answers_out: str = "docs/answers.md"
+    """--answers: where the key is written"""
 
 
 KINDS = (("wrong-to-right", "wrong → right: the reflection fixed the first answer", False, True),
@@ -347,6 +352,93 @@ def seeds_table(args: Args):
     return markdown
 
 
+# The answer key (`make answers`): what each exercise's run measured, beside its reference. Per exercise:
+# (its question in a few words, training-log keys to average over the last ten steps of both runs).
+EXERCISES = {
+    1: ("70% right first answers in the reflection set", ()), 2: ("the paper's set, no direct rows", ()),
+    3: ("the teacher's check without the re-read", ()), 4: ("reflection SFT for 1 epoch", ()),
+    5: ("the first attempt masked out of the SFT loss", ()),
+    6: ("no length reward (alpha 0)", ("f_len", "response_tokens")),
+    7: ("no I_eff", ("wrong_to_right", "right_to_wrong")),
+    8: ("the authors' released reward", ("reward", "format", "zero_spread_groups")),
+    9: ("a k3 KL, beta 0.1", ("kl", "final_accuracy")), 10: ("G = 2 at 256 samples a step", ("zero_spread_groups", "groups_kept")),
+    11: ("no accuracy filter", ("groups_kept", "step_s")), 12: ("4 optimizer steps a rollout", ("clip_frac", "ratio_max", "approx_kl")),
+    13: ("sequence-mean loss aggregation", ("response_tokens", "loss")), 14: ("your honest-verdict term", ()),
+}
+
+
+def last_means(metrics_path, keys, last=10):
+    """{key: mean over the last `last` rows} of a training log ({} where it is missing)."""
+    if not os.path.exists(metrics_path):
+        return {}
+    rows = dataset.read_jsonl(metrics_path)[-last:]
+    return {k: sum(r[k] for r in rows) / len(rows) for k in keys if rows and all(k in r for r in rows)}
+
+
+def honest_verdicts(rows):
+    """Share of reflections whose verdict ("The first answer is right/wrong.") matches the first answer."""
+    verdicts = [(re.search(r"The first answer is (right|wrong)\.", r["response"]), r["first_correct"]) for r in rows]
+    judged = [(m.group(1) == "right") == bool(first) for m, first in verdicts if m]
+    return sum(judged) / len(judged) if judged else float("nan")
+
+
+def answers_markdown(args: Args):
+    """The teacher's key: for every exercise run under --answers, the figures of its run against its reference
+    on the same test problems, the command that made it and its time. Returns the Markdown."""
+    lines = ["# Answer key (written by `make answers`; do not edit)", "",
+             "Each exercise of EXERCISES.md as `make exercise N=<n>` ran it on the current defaults, beside its",
+             "reference from `make demo` (stage 1: the reflection SFT; stage 2: SRPO), greedy on the same test",
+             "problems; the interval is the paired 95% interval of the difference in points. 500 problems give",
+             "intervals about 1.4 times as wide as the demo's 1,000.", ""]
+    for n, (what, keys) in EXERCISES.items():
+        folder = os.path.join(args.answers, f"ex{n}")
+        comparison = os.path.join(folder, "eval", "toy-test", "comparison.json")
+        if not os.path.exists(comparison):
+            lines += [f"## {n}. {what}", "", "not run", ""]
+            continue
+        with open(comparison) as f:
+            comp = json.load(f)
+        ref, ex = comp["reference"], comp[f"ex{n}"]
+        rows = {m: dataset.read_jsonl(os.path.join(folder, "eval", "toy-test", comp[m]["folder"], "items.jsonl"))
+                for m in ("reference", f"ex{n}")}
+        seconds = open(os.path.join(folder, "seconds.txt")).read().strip() if os.path.exists(
+            os.path.join(folder, "seconds.txt")) else "?"
+        lines += [f"## {n}. {what}", "", f"`make exercise N={n}`: {seconds} s on this machine.", "",
+                  "| model | final % | first % | reflects % | w→r / r→w % | tokens | honest verdict % |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for name, c in (("reference", ref), (f"exercise {n}", ex)):
+            rf = c["reflection"]
+            honest = honest_verdicts(rows["reference" if name == "reference" else f"ex{n}"])
+            lines.append(f"| {name} | {pct(c['final_accuracy'])} | {rf['first_acc']:.1f} | {rf['reflection_rate']:.1f} | "
+                         f"{rf['wrong_to_right']:.1f} / {rf['right_to_wrong']:.1f} | {rf['mean_response_tokens']:.0f} | "
+                         f"{100 * honest:.1f} |")
+        lines += ["", f"Exercise − reference: {difference_cell(paired_difference(rows[f'ex{n}'], rows['reference']))} "
+                      f"points on {ex['n']} problems."]
+        if keys:
+            log = "updates.jsonl" if n == 12 else "metrics.jsonl"
+            mine = last_means(os.path.join(folder, "model", log), keys)
+            theirs = last_means(os.path.join(ref["model"], "metrics.jsonl"), keys)
+            cells = [f"{k} {theirs.get(k, float('nan')):.4g} → {mine.get(k, float('nan')):.4g}" for k in keys]
+            lines.append(f"Training log, mean of the last ten {'optimizer steps' if n == 12 else 'steps'} "
+                         f"(reference → exercise): " + "; ".join(cells) + ".")
+        lines.append("")
+    gauge = os.path.join(args.answers, "ex15", "toy-test", "sft", "summary.json")
+    if os.path.exists(gauge):
+        with open(gauge) as f:
+            h = json.load(f)["headroom"]["final"]
+        lines += ["## 15. The headroom gauge of reflection SFT", "",
+                  f"Greedy {h['greedy']:.1f}%, pass@1 {h['pass@1']:.1f}%, reachable {h['reachable']:.1f}%, fragile "
+                  f"{h['fragile']:.1f}% of 500 problems; compare with SRPO − SFT in runs/demo/comparison.md.", ""]
+    markdown = "\n".join(lines)
+    with open(args.answers_out, "w") as f:
+        f.write(markdown)
+    print(markdown + f"\n-> {args.answers_out}")
+    return markdown
+
+
 if __name__ == "__main__":
     parsed = cli.parse_args(Args)
-    seeds_table(parsed) if parsed.seeds else ablations_table(parsed) if parsed.ablations else write_report(parsed)
+    if parsed.answers:
+        answers_markdown(parsed)
+    else:
+        seeds_table(parsed) if parsed.seeds else ablations_table(parsed) if parsed.ablations else write_report(parsed)

@@ -138,3 +138,35 @@ def test_dots_task_still_runs_end_to_end(tmp_path):
     assert set(summaries["grpo"]["categories"]) <= set(toy.DOTS_FAMILIES)
     assert {r["id"] for r in dataset.read_jsonl(out / "eval" / "toy-dots-test" / "grpo-plain" / "items.jsonl")} == \
         {f"dots-{toy.TEST_SEED_OFFSET + k}" for k in range(4)}
+
+
+def test_the_answer_key_reports_an_exercise_against_its_reference(tmp_path):
+    """report.py --answers: the figures of one stage-2 exercise beside its reference, from 04's and 03's files."""
+    import report
+
+    ex, ref_run = tmp_path / "exercises" / "ex6", tmp_path / "srpo"
+    responses = {"a": ("<think> x</think><answer>1</answer><reflection>Check: 1. The first answer is right."
+                       "</reflection><answer>1</answer>", True, True),
+                 "b": ("<think> x</think><answer>2</answer><reflection>Check: 1. The first answer is right."
+                       "</reflection><answer>1</answer>", False, True)}
+    comparison = {}
+    for name, model, right in (("reference", str(ref_run), {"a"}), ("ex6", str(ex / "model"), {"a", "b"})):
+        folder = ex / "eval" / "toy-test" / name
+        for item, (text, first, _) in responses.items():
+            dataset.append_jsonl(str(folder / "items.jsonl"), {"id": item, "response": text, "first_correct": first,
+                                                               "correct": item in right})
+        comparison[name] = {"folder": name, "model": model, "n": 2, "final_accuracy": len(right) / 2,
+                            "reflection": {"first_acc": 50.0, "reflection_rate": 100.0, "wrong_to_right": 0.0,
+                                           "right_to_wrong": 0.0, "mean_response_tokens": 20.0}}
+    (ex / "eval" / "toy-test" / "comparison.json").write_text(json.dumps(comparison))
+    (ex / "seconds.txt").write_text("123\n")
+    for run, f_len in ((ref_run, 0.002), (ex / "model", 0.0)):
+        for step in range(12):
+            dataset.append_jsonl(str(run / "metrics.jsonl"), {"step": step, "f_len": f_len, "response_tokens": 60})
+    args = report.Args(answers=str(tmp_path / "exercises"), answers_out=str(tmp_path / "answers.md"))
+    key = report.answers_markdown(args)
+    assert "## 6. no length reward" in key and "123 s" in key and "## 7. no I_eff\n\nnot run" in key
+    assert "| reference | 50.0 |" in key and "| exercise 6 | 100.0 |" in key
+    assert "+50.0 [" in key  # the paired difference, in points
+    assert "f_len 0.002 → 0" in key and "| 20 | 50.0 |" in key  # one of two verdicts is honest
+    assert open(args.answers_out).read() == key
