@@ -38,15 +38,24 @@ CLASSES = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen
 
 
 @pytest.fixture(scope="session")
-def family_dir(tmp_path_factory):
+def toy_tokenizer():
+    return toy.build_tokenizer(extra_texts=list(dataset.SYSTEM_PROMPTS.values()))
+
+
+def _processor(toy_tokenizer, family):
+    return toy.ToyProcessor.build(copy.deepcopy(toy_tokenizer), family=family)  # it sets the chat template
+
+
+@pytest.fixture(scope="session")
+def family_dir(tmp_path_factory, toy_tokenizer):
     """family -> a saved untrained tiny model of it (hidden 64, 2 decoder layers; Qwen3.5: one linear-attention
     layer, then one full-attention layer) with the toy processor; built once per session."""
-    built, tokenizer = {}, toy.build_tokenizer(extra_texts=list(dataset.SYSTEM_PROMPTS.values()))
+    built = {}
 
     def get(family):
         if family not in built:
             path = tmp_path_factory.mktemp(family) / "model"
-            tok = copy.deepcopy(tokenizer)  # the processor sets the family's chat template on it
+            tok = copy.deepcopy(toy_tokenizer)
             toy.ToyProcessor.build(tok, family=family).save_pretrained(path)
             toy.build_tiny_model(tok, family=family, hidden=64, layers=2, seed=0).save_pretrained(path)
             built[family] = str(path)
@@ -126,10 +135,10 @@ class _ImagesOnly:
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", *NEW])
-def test_toy_processor_gives_the_official_processors_tensors(family, family_dir):
+def test_toy_processor_gives_the_official_processors_tensors(family, family_dir, toy_tokenizer):
     from transformers import Qwen2_5_VLProcessor, Qwen3VLProcessor
 
-    toy_proc = policy.load_processor(family_dir(family))
+    toy_proc = policy.load_processor(family_dir(family))  # as saved and loaded back
     official_class = Qwen2_5_VLProcessor if family == "qwen2_5_vl" else Qwen3VLProcessor
     official = type("ImagesOnly", (_ImagesOnly, official_class), {})(
         image_processor=toy_proc.image_processor, tokenizer=toy_proc.tokenizer, video_processor=None,
@@ -139,9 +148,14 @@ def test_toy_processor_gives_the_official_processors_tensors(family, family_dir)
     texts = [dataset.build_prompt(toy_proc, q, im is not None, PLAIN) for q, im in zip(questions, images)]
     ours = toy_proc(text=texts, images=images[:3], padding=True, return_tensors="pt", padding_side="left")
     theirs = official(text=texts, images=images[:3], padding=True, return_tensors="pt", padding_side="left")
-    assert sorted(ours) == sorted(theirs)
+    built = _processor(toy_tokenizer, family)(text=texts, images=images[:3], padding=True, return_tensors="pt",
+                                               padding_side="left")
+    assert sorted(ours) == sorted(theirs) == sorted(built)
     for k in theirs:
         assert torch.equal(ours[k], theirs[k]), k
+        # loaded back, the same tokens: AutoTokenizer would load a Qwen3.5 directory's with Qwen3.5's own
+        # tokenizer class, which splits the toy's numbers into digits
+        assert torch.equal(ours[k], built[k]), k
     patch = TOY_FAMILIES[family]["images"]["patch_size"]
     assert ours["image_grid_thw"].tolist() == [[1, 8, 8]] * 3  # 112 px at 14 px a patch, 128 px at 16
     assert ours["pixel_values"].shape == (3 * 64, 3 * 2 * patch * patch)

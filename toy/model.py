@@ -142,12 +142,15 @@ class ToyProcessor:
 
     @classmethod
     def from_pretrained(cls, path):
-        from transformers import AutoTokenizer
+        from transformers import PreTrainedTokenizerFast
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         with open(os.path.join(path, "toy_processor.json")) as f:
             task = json.load(f).get("task", "toy-dots")  # no task named: a dots-task model
-        return cls(AutoTokenizer.from_pretrained(path), Qwen2VLImageProcessorPil.from_pretrained(path), task)
+        # The toy's own tokenizer class, not AutoTokenizer's pick: for some model types (qwen3_5) AutoTokenizer
+        # swaps in the family's released class, whose pre-tokenizer splits the toy's numbers into digits.
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+        return cls(tokenizer, Qwen2VLImageProcessorPil.from_pretrained(path), task)
 
 
 def build_tiny_model(tokenizer, *, family: str = "qwen2_5_vl", hidden: int = 128, layers: int = 4,
