@@ -233,7 +233,7 @@ def aggregate(per_token, mask, how, max_len):
     """Reduce a (B, T) per-token loss to a scalar over completion tokens."""
     if how == "token-mean":  # every token of the batch weighs the same (DAPO, EasyR1 default)
         return (per_token * mask).sum() / mask.sum().clamp(min=1)
-    if how == "seq-mean-token-mean":  # each response weighs the same (original GRPO)
+    if how == "seq-mean-token-mean":  # Eq. (2)'s 1/G sum_i 1/|o_i| sum_t: each response the same (authors)
         return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
     if how == "seq-mean-token-sum-norm":  # Dr. GRPO: token sums over a constant, the length cap
         return ((per_token * mask).sum(1) / max_len).mean()
