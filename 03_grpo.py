@@ -18,9 +18,10 @@ Toy (after 02, ~4-5 minutes on 2 CPU cores):
 Real scale (Qwen2.5-VL-7B after reflection SFT, 8 GPUs, ~62 GB each; the README's recipes table):
     accelerate launch --config_file configs/zero2.yaml 03_grpo.py --model runs/real/sft \
         --data my-org/rl-prompts --prompts_per_step 16 --max_new_tokens 2048 --lr 1e-6 --steps 500 \
-        --micro_batch 4 --gradient_checkpointing --updates_per_rollout 8
+        --micro_batch 4 --gradient_checkpointing --updates_per_rollout 8 --loss_agg seq-mean-token-mean
     (--prompts_per_step is per process: 8 processes x 16 = the paper's 128 prompts a rollout, 1,024
-    samples; --updates_per_rollout 8: 8 optimizer steps of 128 samples each, as the authors' OpenRLHF run)
+    samples; --updates_per_rollout 8: 8 optimizer steps of 128 samples each (16 a process), each response
+    weighing the same, as the authors' OpenRLHF run did)
 One GPU, 4-bit QLoRA (~18 GB): python 03_grpo.py --model runs/real/sft --load_in_4bit --lora_r 16 \
         --prompts_per_step 2 --micro_batch 4 --gradient_checkpointing --max_new_tokens 2048 --lr 1e-6
 
