@@ -24,11 +24,10 @@ SIZES_32B = dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64
                  num_key_value_heads=8)
 # Qwen3-VL-8B-Instruct, its config.json's numbers as two sources give them alike (the file itself was not at
 # hand): the metadata of Ollama's GGUF of it (ollama.com/library/qwen3-vl:8b-instruct) and the config.json of
-# nvidia/Cosmos-Reason2-8B, a fine-tune of it; built, 8.77 B parameters, as published for the model.
-# 36 layers of hidden 4096 (32 query, 8 key/value heads
-# of 128; MLP 12,288), vocabulary 151,936, lm_head not tied; interleaved M-RoPE [24, 20, 20], theta 5e6;
-# vision: 27 blocks of 1152 (16 heads, MLP 4304), 16-px patches, merged 2x2 to 4096, DeepStack from
-# vision blocks 8, 16 and 24.
+# nvidia/Cosmos-Reason2-8B, a fine-tune of it; built, 8.77 B parameters, as published for the model. 36 layers
+# of hidden 4096 (32 query, 8 key/value heads of 128; MLP 12,288), vocabulary 151,936, lm_head not tied;
+# interleaved M-RoPE [24, 20, 20], theta 5e6; vision: 27 blocks of 1152 (16 heads, MLP 4304), 16-px
+# patches, merged 2x2 to 4096, DeepStack from vision blocks 8, 16 and 24.
 QWEN3_VL_8B = dict(
     text_config=dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
                      num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=262144,
