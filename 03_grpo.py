@@ -212,7 +212,7 @@ def one_pass_logprobs(model, prompts, comp, temperature, vision_start_id):
 
 
 def prompt_shared_logprobs(model, prompts, comp, temperature, vision_start_id):
-    """one_pass_logprobs with each distinct prompt run once: its keys and values are repeated for its rows
+    """one_pass_logprobs with each distinct prompt run once: its cache is repeated for its rows
     (gradients flow back through the repeat) and the completions continue from them, as decoding does."""
     first, inverse = rollout.repeated_rows(prompts, vision_start_id)
     distinct = dataset.select_rows(prompts, first, vision_start_id)
@@ -220,8 +220,7 @@ def prompt_shared_logprobs(model, prompts, comp, temperature, vision_start_id):
     out = model(**distinct, position_ids=positions, use_cache=True, logits_to_keep=1)
     logp = [policy.selective_log_softmax(out.logits[inverse], comp[:, :1], temperature)]  # (b, 1)
     if comp.shape[1] > 1:
-        for layer in out.cache.layers:  # (P, heads, Lp, d) -> (b, heads, Lp, d)
-            layer.keys, layer.values = layer.keys[inverse], layer.values[inverse]
+        rollout.repeat_cache_rows(out.cache, inverse)  # (P, ...) -> (b, ...): keys and values, or Qwen3.5's states
         steps = torch.arange(1, comp.shape[1], device=comp.device)
         logits = model(input_ids=comp[:, :-1], position_ids=positions[..., -1:][:, inverse] + steps,
                        attention_mask=torch.cat([prompts["attention_mask"], torch.ones_like(comp[:, :-1])], 1),

@@ -371,11 +371,8 @@ def test_sft_lora_trains_and_its_adapter_loads(family, family_dir, sft_data, tmp
 
 
 def _grpo_args(model, out, family, **kw):
-    # 03's prompt_shared_logprobs repeats keys and values by hand, which Qwen3.5's recurrent state does not
-    # have; rollout.repeat_cache_rows (tested above) is what it would call instead: until then, one pass
-    share = {"share_prompts": False} if family == "qwen3_5" else {}
     return grpo.Args(**{**dict(model=model, out_dir=str(out), reward="paper", steps=3, prompts_per_step=2,
-                               group_size=2, max_new_tokens=16, train_size=8, save_every=1, lr=1e-3), **share, **kw})
+                               group_size=2, max_new_tokens=16, train_size=8, save_every=1, lr=1e-3), **kw})
 
 
 @pytest.mark.parametrize("family", NEW)
@@ -429,7 +426,7 @@ def test_qwen3_5_grpo_under_fsdp_rolls_out_fast_on_gathered_weights(sft_models, 
     out = tmp_path / "fsdp"
     log = launch(str(config)[:-len(".yaml")], "03_grpo.py", "--model", sft_models("qwen3_5"), "--reward", "grpo",
                  "--steps", 2, "--prompts_per_step", 2, "--group_size", 2, "--max_new_tokens", 16,
-                 "--train_size", 8, "--save_every", 0, "--no-share_prompts", "--out_dir", out)
+                 "--train_size", 8, "--save_every", 0, "--out_dir", out)
     assert "processes: 2" in log and "rollout: fast (static KV cache + recurrent state" in log
     assert len(dataset.read_jsonl(out / "metrics.jsonl")) == 2
     model, _ = policy.load_policy(str(out), device="cpu")
