@@ -133,6 +133,7 @@ demo-dots: $(VENV)/.installed
 # and compares its model with the reference (stage 1: the demo's reflection SFT; stage 2: its SRPO) on 500
 # test problems: $(EX)/ex<n>/eval/toy-test/comparison.md. 02 and 03 run at one thread, as the demo's do.
 EX ?= runs/exercises
+DEMO_FIRST = [ -f $(OUT)/srpo/model.safetensors ] || $(MAKE) demo SEED=$(SEED) OUT=$(OUT) DEMO=$(DEMO)
 X = $(EX)/ex$(N)
 SFT_X = $(PY) 02_sft.py --model $(BASE) --seed $(SEED) --out_dir $(X)/model $(SFT_ARGS)
 RL_X = $(PY) 03_grpo.py --model $(OUT)/sft --seed $(SEED) --out_dir $(X)/model $(RL_ARGS)
@@ -154,7 +155,7 @@ EXERCISE_14 = $(RL_X)
 EXERCISE_REF = $(if $(filter $(N),1 2 3 4 5),$(OUT)/sft,$(OUT)/srpo)
 exercise: $(VENV)/.installed
 	@case "$(N)" in [0-9]|1[0-8]) ;; *) echo "make exercise N=<0-18> (EXERCISES.md)"; exit 2;; esac
-	[ -f $(OUT)/srpo/model.safetensors ] || $(MAKE) demo SEED=$(SEED) OUT=$(OUT) DEMO=$(DEMO)
+	$(DEMO_FIRST)
 	rm -rf $(X) && mkdir -p $(X) && date +%s > $(X)/started
 ifeq ($(N),0)
 	@echo "exercise 0 is reading: README.md's paper-to-code table, then 03_grpo.py:group_advantages"
@@ -178,7 +179,7 @@ endif
 # The teacher's answer key, docs/answers.md: every exercise that trains or measures (1-15) run as above, two
 # at a time on one thread each (about 45 minutes on 2 cores), then the key from their outputs.
 answers: $(VENV)/.installed
-	[ -f $(OUT)/srpo/model.safetensors ] || $(MAKE) demo SEED=$(SEED) OUT=$(OUT) DEMO=$(DEMO)
+	$(DEMO_FIRST)
 	mkdir -p $(EX)
 	$(call side_by_side,$(EX)/lane2.log,\
 		for n in 2 4 6 8 10 12 14; do $(MAKE) exercise N=$$n THREADS=1 || exit 1; done,\
