@@ -401,14 +401,15 @@ def answers_markdown(args: Args):
         ref, ex = comp["reference"], comp[f"ex{n}"]
         rows = {m: dataset.read_jsonl(os.path.join(folder, "eval", "toy-test", comp[m]["folder"], "items.jsonl"))
                 for m in ("reference", f"ex{n}")}
-        seconds = open(os.path.join(folder, "seconds.txt")).read().strip() if os.path.exists(
-            os.path.join(folder, "seconds.txt")) else "?"
+        seconds_path = os.path.join(folder, "seconds.txt")
+        seconds = open(seconds_path).read().strip() if os.path.exists(seconds_path) else "?"
         lines += [f"## {n}. {what}", "", f"`make exercise N={n}`: {seconds} s on this machine.", "",
                   "| model | final % | first % | reflects % | w→r / r→w % | tokens | honest verdict % |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
-        for name, c in (("reference", ref), (f"exercise {n}", ex)):
+        for name, key in (("reference", "reference"), (f"exercise {n}", f"ex{n}")):
+            c = comp[key]
             rf = c["reflection"]
-            honest = honest_verdicts(rows["reference" if name == "reference" else f"ex{n}"])
+            honest = honest_verdicts(rows[key])
             lines.append(f"| {name} | {pct(c['final_accuracy'])} | {rf['first_acc']:.1f} | {rf['reflection_rate']:.1f} | "
                          f"{rf['wrong_to_right']:.1f} / {rf['right_to_wrong']:.1f} | {rf['mean_response_tokens']:.0f} | "
                          f"{100 * honest:.1f} |")
