@@ -73,6 +73,9 @@ class Args(training.TrainArgs, dataset.DataArgs):
     """ablation: --no-use_accuracy drops R_accuracy, the first answer's reward (Eq. 5)"""
     use_reflection_format: bool = True
     """ablation: --no-use_reflection_format drops I_ref (Eq. 6)"""
+    verdict_reward: float = 0.0
+    """not in the paper (EXERCISES.md 14): paid when the reflection's verdict sentence matches the first
+    answer (rewards.honest_verdict; paper reward only). 0 = the paper's reward"""
     system_prompt: str = "auto"
     """key of dataset.SYSTEM_PROMPTS; 'auto' = 'plain' for the grpo reward, else 'reflect'"""
     steps: int = 60
@@ -160,6 +163,8 @@ def check_args(args):
     if args.updates_per_rollout > args.prompts_per_step:
         raise cli.UserError(f"--updates_per_rollout {args.updates_per_rollout}: each optimizer step takes whole "
                             f"groups, and a process has only --prompts_per_step {args.prompts_per_step}")
+    if args.verdict_reward and args.reward != "paper":
+        raise cli.UserError(f"--verdict_reward is a term of the paper reward; --reward is {args.reward}")
     if not args.temperature > 0 or not 0 < args.top_p <= 1:
         raise cli.UserError(f"GRPO samples: --temperature must be > 0 and --top_p in (0, 1]; got "
                             f"{args.temperature} and {args.top_p}")
@@ -309,6 +314,15 @@ def micro_batch_share(how, mask_mb, n_tokens, n_kept_rows):
     """A micro-batch's share of the batch loss, so that the shares of all micro-batches sum to the
     batch's loss_agg: its tokens (token-mean) or its rows (the per-response means) over the batch's."""
     return mask_mb.sum() / n_tokens if how == "token-mean" else len(mask_mb) / n_kept_rows
+
+
+def make_reward_fn(args, count_tokens):
+    """(response text, prompt row) -> the reward dict of rewards.srpo_reward, with the run's reward flags."""
+    return lambda text, p: rewards.srpo_reward(
+        text, p["answer"], choices=p["choices"] or None, count_tokens=count_tokens, variant=args.reward,
+        alpha=args.alpha, use_length=args.use_length, use_effectiveness=args.use_effectiveness,
+        use_accuracy=args.use_accuracy, use_reflection_format=args.use_reflection_format,
+        verdict_weight=args.verdict_reward)
 
 
 def score_responses(texts, prompts, G, reward_fn):
@@ -479,11 +493,7 @@ def main(args: Args):
         ref_model.to(getattr(torch, training.training_dtype(accelerator, frozen_base=True)))
     tok = processor.tokenizer
     vision_start = tok.convert_tokens_to_ids("<|vision_start|>")
-    count_tokens = lambda s: len(tok(s, add_special_tokens=False).input_ids)  # noqa: E731
-    reward_fn = lambda text, p: rewards.srpo_reward(  # noqa: E731
-        text, p["answer"], choices=p["choices"] or None, count_tokens=count_tokens, variant=args.reward,
-        alpha=args.alpha, use_length=args.use_length, use_effectiveness=args.use_effectiveness,
-        use_accuracy=args.use_accuracy, use_reflection_format=args.use_reflection_format)
+    reward_fn = make_reward_fn(args, lambda s: len(tok(s, add_special_tokens=False).input_ids))
     optimizer, scheduler = training.make_optimizer(args, model, args.steps * args.mu * args.updates_per_rollout)
     training.prepare_deepspeed(accelerator, model, args.micro_batch, args.grad_clip)
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -151,7 +151,7 @@ EXERCISE_10 = $(RL_X) --group_size 2 --prompts_per_step 128
 EXERCISE_11 = $(RL_X) --filter none
 EXERCISE_12 = $(RL_X) --updates_per_rollout 4
 EXERCISE_13 = $(RL_X) --loss_agg seq-mean-token-mean
-EXERCISE_14 = $(RL_X)
+EXERCISE_14 = $(RL_X) --verdict_reward 0.25
 EXERCISE_REF = $(if $(filter $(N),1 2 3 4 5),$(OUT)/sft,$(OUT)/srpo)
 exercise: $(VENV)/.installed
 	@case "$(N)" in [0-9]|1[0-8]) ;; *) echo "make exercise N=<0-18> (EXERCISES.md)"; exit 2;; esac
@@ -165,8 +165,8 @@ else ifeq ($(N),16)
 	cat $(DEMO)/comparison.md
 else ifeq ($(N),17)
 	[ -f runs/toy-dots/srpo/model.safetensors ] || $(MAKE) demo-dots
-	$(PY) probe/probe_confidence.py --model runs/toy-dots/base | tee $(X)/base.txt
-	$(PY) probe/probe_confidence.py --model runs/toy-dots/sft --prompt reflect | tee $(X)/sft.txt
+	OMP_NUM_THREADS=$(THREADS) $(PY) probe/probe_confidence.py --model runs/toy-dots/base --out $(X)/base.json
+	OMP_NUM_THREADS=$(THREADS) $(PY) probe/probe_confidence.py --model runs/toy-dots/sft --prompt reflect --out $(X)/sft.json
 else ifeq ($(N),18)
 	cat $(DEMO)/comparison.md runs/demo-dots/toy-dots-test/comparison.md toy/base_model/eval.json
 else
@@ -177,14 +177,17 @@ endif
 	@echo $$(( $$(date +%s) - $$(cat $(X)/started) )) > $(X)/seconds.txt
 
 # The teacher's answer key, docs/answers.md: every exercise that trains or measures (1-15) run as above, two
-# at a time on one thread each (about 45 minutes on 2 cores), then the key from their outputs.
+# at a time on one thread each, then 17 (which makes the dots task's models first), then the key from their
+# outputs and the demo's; its time, besides the demo's, is written into the key.
 answers: $(VENV)/.installed
 	$(DEMO_FIRST)
-	mkdir -p $(EX)
+	mkdir -p $(EX) && date +%s > $(EX)/answers_started
 	$(call side_by_side,$(EX)/lane2.log,\
 		for n in 2 4 6 8 10 12 14; do $(MAKE) exercise N=$$n THREADS=1 || exit 1; done,\
 		for n in 1 3 5 7 9 11 13 15; do $(MAKE) exercise N=$$n THREADS=1 || exit 1; done)
-	$(PY) report.py --answers $(EX) --answers_out docs/answers.md
+	$(MAKE) exercise N=17
+	echo $$(( $$(date +%s) - $$(cat $(EX)/answers_started) )) > $(EX)/answers_seconds.txt
+	$(PY) report.py --answers $(EX) --answers_out docs/answers.md --demo_dir $(DEMO) --runs_dir $(OUT)
 
 # DeepSpeed, for the ZeRO-2/3 tests only (tests/test_sharded.py): not in requirements.txt, since the toy
 # never needs it. DS_BUILD_OPS=0: nothing is compiled at install time (on a CPU the first run compiles

@@ -352,19 +352,60 @@ def seeds_table(args: Args):
     return markdown
 
 
-# The answer key (`make answers`): what each exercise's run measured, beside its reference. Per exercise:
-# (its question in a few words, training-log keys to average over the last ten steps of both runs).
+# The answer key (`make answers`): what each exercise's run measured, beside its reference, and what students
+# should notice. Per exercise: (its question in a few words, training-log keys to average over the last ten
+# steps of both runs, what to notice: a sentence formatted with the run's figures, see exercise_figures).
 EXERCISES = {
-    1: ("70% right first answers in the reflection set", ()), 2: ("the paper's set, no direct rows", ()),
-    3: ("the teacher's check without the re-read", ()), 4: ("reflection SFT for 1 epoch", ()),
-    5: ("the first attempt masked out of the SFT loss", ()),
-    6: ("no length reward (alpha 0)", ("f_len", "response_tokens")),
-    7: ("no I_eff", ("wrong_to_right", "right_to_wrong")),
-    8: ("the authors' released reward", ("reward", "format", "zero_spread_groups")),
-    9: ("a k3 KL, beta 0.1", ("kl", "final_accuracy")), 10: ("G = 2 at 256 samples a step", ("zero_spread_groups", "groups_kept")),
-    11: ("no accuracy filter", ("groups_kept", "step_s")), 12: ("4 optimizer steps a rollout", ("clip_frac", "ratio_max", "approx_kl")),
-    13: ("sequence-mean loss aggregation", ("response_tokens", "loss")), 14: ("your honest-verdict term", ()),
+    1: ("70% right first answers in the reflection set", (),
+        "The share of rows that reflect (exercise 2) sets how often SFT reflects; the share of right first answers "
+        "among them sets what its reflection concludes: r→w {ref[r2w]:.1f} → {ex[r2w]:.1f}, honest verdicts "
+        "{ref[honest]:.0f}% → {ex[honest]:.0f}%."),
+    2: ("the paper's set, no direct rows", (),
+        "Every row of the paper's set reflects, so SFT reflects on {ex[reflects]:.0f}% of answers (the demo's "
+        "recipe: {ref[reflects]:.0f}%): RL then samples groups that all reflect and has little to choose between "
+        "(RESULTS.md, the recipe)."),
+    3: ("the teacher's check without the re-read", (),
+        "The re-read (\"blue: 5.\") opens the check the base model was trained on (its gate G3); without it "
+        "the reflection asks SFT for a check in a form the base never practised: w→r {ref[w2r]:.1f} → "
+        "{ex[w2r]:.1f}."),
+    4: ("reflection SFT for 1 epoch", (),
+        "The budget sets how sharply SFT fits the set's habit (half the rows reflect): the reflection rate "
+        "{ref[reflects]:.0f}% → {ex[reflects]:.0f}%; read loss.png of both runs."),
+    5: ("the first attempt masked out of the SFT loss", (),
+        "Masked out of the loss, the first attempt is never trained, yet at test time the model writes it "
+        "itself: first answers {ref[first]:.1f}% → {ex[first]:.1f}%; read what it writes in items.jsonl."),
+    6: ("no length reward (alpha 0)", ("f_len", "response_tokens"),
+        "f_len over the reference's last ten steps is {log_ref[f_len]:.2g}, so alpha x f_len is about "
+        "{log_ref[length]:.1g} against rewards of 0-3: dropping it removes no signal, and any difference is noise."),
+    7: ("no I_eff", ("wrong_to_right", "right_to_wrong"),
+        "Without I_eff no term looks at the answer after the reflection (R_accuracy grades the first), so nothing "
+        "stops a reflection from breaking a right answer: r→w {ref[r2w]:.1f} → {ex[r2w]:.1f}."),
+    8: ("the authors' released reward", ("reward", "format", "zero_spread_groups"),
+        "The released reward pays 0 without a second <think>, which our SFT model does not write: groups of "
+        "all-equal rewards carry no signal (zero_spread_groups above), and the model reflects on "
+        "{ex[reflects]:.0f}% of answers against {ref[reflects]:.0f}%."),
+    9: ("a k3 KL, beta 0.1", ("kl", "final_accuracy"),
+        "beta x KL pulls the policy back towards the SFT model it started from; kl above is what was left "
+        "between them at the end, and the accuracy difference is what the leash cost at this beta."),
+    10: ("G = 2 at 256 samples a step", ("zero_spread_groups", "groups_kept"),
+         "Two rewards a group have zero spread whenever both samples earn the same, so fewer groups carry a "
+         "signal at the same 256 samples a step (zero_spread_groups and groups_kept above)."),
+    11: ("no accuracy filter", ("groups_kept", "step_s"),
+         "The filter drops the groups whose answers are (nearly) all right or all wrong (groups_kept above); "
+         "without it they train on the spread of the other terms alone, at the cost in step_s."),
+    12: ("4 optimizer steps a rollout", ("clip_frac", "ratio_max", "approx_kl"),
+         "The first optimizer step of a rollout sees ratio 1 (pi_theta = pi_old, so the reference's clip_frac is "
+         "0); from the second on the policy has moved, and the clip stops the share of tokens in clip_frac."),
+    13: ("sequence-mean loss aggregation", ("response_tokens", "loss"),
+         "A group's responses differ by a few tokens here ({ref[tokens]:.0f} on average), so weighing tokens or "
+         "responses equally moves the gradient little; it matters when long wrong answers hold most tokens."),
+    14: ("an honest-verdict term (--verdict_reward 0.25)", ("verdict_honest",),
+         "No term of the paper's reward reads the verdict, so under RL it drifts (honest {ref[honest]:.0f}% in "
+         "the reference); paid 0.25 for honesty it reaches {ex[honest]:.0f}%, while final accuracy moves as "
+         "the interval says."),
 }
+DOTS_COMPARISON = "runs/demo-dots/toy-dots-test/comparison.json"  # `make demo-dots`' 04 output
+BASE_GATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy", "base_model", "eval.json")
 
 
 def last_means(metrics_path, keys, last=10):
@@ -377,59 +418,153 @@ def last_means(metrics_path, keys, last=10):
 
 def honest_verdicts(rows):
     """Share of reflections whose verdict ("The first answer is right/wrong.") matches the first answer."""
-    verdicts = [(re.search(r"The first answer is (right|wrong)\.", r["response"]), r["first_correct"]) for r in rows]
-    judged = [(m.group(1) == "right") == bool(first) for m, first in verdicts if m]
+    verdicts = [(rewards.VERDICT.findall(r["response"]), r["first_correct"]) for r in rows]
+    judged = [(said[-1] == "right") == bool(first) for said, first in verdicts if said]
     return sum(judged) / len(judged) if judged else float("nan")
 
 
+def read_json(path):
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def reading(p, n):
+    """What a paired difference (paired_difference) says, in words."""
+    if p is None:
+        return "no problems in common"
+    lo, hi = p["ci95"]
+    return (f"{difference_cell(p)} points on {n:,} problems: "
+            + ("the interval holds 0, so no difference is measurable at this size." if lo <= 0 <= hi else
+               f"the interval excludes 0, a real {'gain' if lo > 0 else 'loss'}."))
+
+
+def exercise_figures(comp, name, rows):
+    """The figures of one model of an exercise's comparison that the key's table and notices use."""
+    c, rf = comp[name], comp[name]["reflection"]
+    return {"final": 100 * c["final_accuracy"], "first": rf["first_acc"], "reflects": rf["reflection_rate"],
+            "w2r": rf["wrong_to_right"], "r2w": rf["right_to_wrong"], "tokens": rf["mean_response_tokens"],
+            "honest": 100 * honest_verdicts(rows)}
+
+
+def exercise_section(n, what, keys, notice, folder):
+    """The key's lines for one exercise that trains a model (1-14), or "not run"."""
+    comp = read_json(os.path.join(folder, "eval", "toy-test", "comparison.json"))
+    if comp is None:
+        return [f"## {n}. {what}", "", "not run", ""]
+    ref = comp["reference"]
+    rows = {m: dataset.read_jsonl(os.path.join(folder, "eval", "toy-test", comp[m]["folder"], "items.jsonl"))
+            for m in ("reference", f"ex{n}")}
+    figs = {"ref": exercise_figures(comp, "reference", rows["reference"]),
+            "ex": exercise_figures(comp, f"ex{n}", rows[f"ex{n}"])}
+    seconds_path = os.path.join(folder, "seconds.txt")
+    seconds = open(seconds_path).read().strip() if os.path.exists(seconds_path) else "?"
+    lines = [f"## {n}. {what}", "", f"`make exercise N={n}`: {seconds} s on this machine.", "",
+             "| model | final % | first % | reflects % | w→r / r→w % | tokens | honest verdict % |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for label, f in (("reference", figs["ref"]), (f"exercise {n}", figs["ex"])):
+        lines.append(f"| {label} | {f['final']:.1f} | {f['first']:.1f} | {f['reflects']:.1f} | {f['w2r']:.1f} / "
+                     f"{f['r2w']:.1f} | {f['tokens']:.0f} | {f['honest']:.1f} |")
+    lines += ["", "Exercise − reference: " + reading(paired_difference(rows[f"ex{n}"], rows["reference"]),
+                                                      comp[f"ex{n}"]["n"])]
+    log = "updates.jsonl" if n == 12 else "metrics.jsonl"
+    figs["log_ex"] = last_means(os.path.join(folder, "model", log), keys)
+    figs["log_ref"] = last_means(os.path.join(ref["model"], "metrics.jsonl"), (*keys, "length"))
+    if keys:
+        cells = [f"{k} {figs['log_ref'].get(k, float('nan')):.4g} → {figs['log_ex'].get(k, float('nan')):.4g}"
+                 for k in keys]
+        lines.append(f"Training log, mean of the last ten {'optimizer steps' if n == 12 else 'steps'} "
+                     f"(reference → exercise): " + "; ".join(cells) + ".")
+    try:
+        lines += ["", "*Notice*: " + notice.format(**figs)]
+    except KeyError as missing:  # a log without the key (e.g. a reference run made before it was logged)
+        lines += ["", f"*Notice*: (needs {missing} in the training logs: rerun `make demo`)"]
+    return lines + [""]
+
+
 def answers_markdown(args: Args):
-    """The teacher's key: for every exercise run under --answers, the figures of its run against its reference
-    on the same test problems, the command that made it and its time. Returns the Markdown."""
+    """The teacher's key: for every exercise, the figures of its run against its reference on the same test
+    problems (1-14), the gauge (15) and the figures the reading exercises point to (0, 16-18), each with what
+    to notice. Returns the Markdown."""
+    import subprocess
+
+    import torch
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "?"
     lines = ["# Answer key (written by `make answers`; do not edit)", "",
-             "Each exercise of EXERCISES.md as `make exercise N=<n>` ran it on the current defaults, beside its",
-             "reference from `make demo` (stage 1: the reflection SFT; stage 2: SRPO), greedy on the same test",
-             "problems; the interval is the paired 95% interval of the difference in points. 500 problems give",
-             "intervals about 1.4 times as wide as the demo's 1,000.", ""]
-    for n, (what, keys) in EXERCISES.items():
-        folder = os.path.join(args.answers, f"ex{n}")
-        comparison = os.path.join(folder, "eval", "toy-test", "comparison.json")
-        if not os.path.exists(comparison):
-            lines += [f"## {n}. {what}", "", "not run", ""]
-            continue
-        with open(comparison) as f:
-            comp = json.load(f)
-        ref, ex = comp["reference"], comp[f"ex{n}"]
-        rows = {m: dataset.read_jsonl(os.path.join(folder, "eval", "toy-test", comp[m]["folder"], "items.jsonl"))
-                for m in ("reference", f"ex{n}")}
-        seconds_path = os.path.join(folder, "seconds.txt")
-        seconds = open(seconds_path).read().strip() if os.path.exists(seconds_path) else "?"
-        lines += [f"## {n}. {what}", "", f"`make exercise N={n}`: {seconds} s on this machine.", "",
-                  "| model | final % | first % | reflects % | w→r / r→w % | tokens | honest verdict % |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
-        for name, key in (("reference", "reference"), (f"exercise {n}", f"ex{n}")):
-            c = comp[key]
-            rf = c["reflection"]
-            honest = honest_verdicts(rows[key])
-            lines.append(f"| {name} | {pct(c['final_accuracy'])} | {rf['first_acc']:.1f} | {rf['reflection_rate']:.1f} | "
-                         f"{rf['wrong_to_right']:.1f} / {rf['right_to_wrong']:.1f} | {rf['mean_response_tokens']:.0f} | "
-                         f"{100 * honest:.1f} |")
-        lines += ["", f"Exercise − reference: {difference_cell(paired_difference(rows[f'ex{n}'], rows['reference']))} "
-                      f"points on {ex['n']} problems."]
-        if keys:
-            log = "updates.jsonl" if n == 12 else "metrics.jsonl"
-            mine = last_means(os.path.join(folder, "model", log), keys)
-            theirs = last_means(os.path.join(ref["model"], "metrics.jsonl"), keys)
-            cells = [f"{k} {theirs.get(k, float('nan')):.4g} → {mine.get(k, float('nan')):.4g}" for k in keys]
-            lines.append(f"Training log, mean of the last ten {'optimizer steps' if n == 12 else 'steps'} "
-                         f"(reference → exercise): " + "; ".join(cells) + ".")
-        lines.append("")
-    gauge = os.path.join(args.answers, "ex15", "toy-test", "sft", "summary.json")
-    if os.path.exists(gauge):
-        with open(gauge) as f:
-            h = json.load(f)["headroom"]["final"]
-        lines += ["## 15. The headroom gauge of reflection SFT", "",
-                  f"Greedy {h['greedy']:.1f}%, pass@1 {h['pass@1']:.1f}%, reachable {h['reachable']:.1f}%, fragile "
-                  f"{h['fragile']:.1f}% of 500 problems; compare with SRPO − SFT in runs/demo/comparison.md.", ""]
+             f"Made at commit {commit}. Each exercise of EXERCISES.md as `make exercise N=<n>` ran it on the",
+             "current defaults, beside its reference from `make demo` (stage 1: the reflection SFT; stage 2: SRPO),",
+             "greedy on the same 500 test problems; intervals are paired 95% intervals of the difference in points,",
+             "about 1.4 times as wide as on the demo's 1,000. Rerun `make answers` when a default changes."]
+    took = os.path.join(args.answers, "answers_seconds.txt")
+    if os.path.exists(took):
+        lines.append(f"`make answers` took {int(open(took).read()) / 60:.0f} min here, besides `make demo`.")
+    lines.append("")
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    lines += ["## 0. Find the equations", "",
+              f"Rewards [1, 0, 0, 1]: advantages ±{((r - r.mean()) / r.std()).abs()[0]:.3f} with torch's std "
+              f"(n − 1: {r.std():.3f}), ±{((r - r.mean()) / r.std(unbiased=False)).abs()[0]:.3f} with the population "
+              "std (n). All-equal rewards: 0 (spread 0; the eps keeps it finite), and the accuracy filter drops "
+              "such groups before the loss. Eq. 3 writes std without saying which; the factor is the same for "
+              "every group of size G, so with Adam it barely changes the update.", ""]
+    for n, (what, keys, notice) in EXERCISES.items():
+        lines += exercise_section(n, what, keys, notice, os.path.join(args.answers, f"ex{n}"))
+    demo = read_json(os.path.join(args.demo_dir, args.benchmark, "comparison.json")) or {}
+    gauge = read_json(os.path.join(args.answers, "ex15", "toy-test", "sft", "summary.json"))
+    lines += ["## 15. The headroom gauge of reflection SFT", ""]
+    if gauge and "sft" in demo:
+        h = gauge["headroom"]["final"]
+        lines += [f"Greedy {h['greedy']:.1f}%, pass@1 {h['pass@1']:.1f}%, reachable {h['reachable']:.1f}%, "
+                  f"fragile {h['fragile']:.1f}% of {gauge['n']} problems. SRPO − SFT in the demo: "
+                  + reading(demo["srpo"]["paired"]["sft"], demo["srpo"]["n"]), "",
+                  "*Notice*: RL flips mostly reachable problems (greedy wrong, some samples right) and may break "
+                  "fragile ones, so reachable is the prediction's scale; RESULTS.md shows the reachable share "
+                  "falling to about 3% after SRPO: RL spent it.", ""]
+    else:
+        lines += ["not run", ""]
+    lines += ["## 16. Reflection against plain GRPO", ""]
+    if "grpo" in demo:
+        def mean_of(run, key):
+            rows = dataset.read_jsonl(os.path.join(args.runs_dir, run, "metrics.jsonl"))
+            return sum(r[key] for r in rows) / len(rows)
+        lines += [f"SRPO {pct(demo['srpo']['final_accuracy'])}%, grpo {pct(demo['grpo']['final_accuracy'])}%; "
+                  "SRPO − grpo: " + reading(demo["srpo"]["paired"]["grpo"], demo["srpo"]["n"]),
+                  f"Per RL step, mean over the run: SRPO {mean_of('srpo', 'step_s'):.1f} s and "
+                  f"{mean_of('srpo', 'response_tokens'):.0f} tokens a response, grpo {mean_of('grpo', 'step_s'):.1f} "
+                  f"s and {mean_of('grpo', 'response_tokens'):.0f} tokens.", "",
+                  "*Notice*: the reflective response is longer (a first attempt, the check, a second answer), so "
+                  "each step costs more time, as the paper's 31.2 h against 25.8 h at 7B.", ""]
+    else:
+        lines += ["not run", ""]
+    lines += ["## 17. Does the dots model know when it is wrong?", ""]
+    probes = {m: read_json(os.path.join(args.answers, "ex17", f"{m}.json")) for m in ("base", "sft")}
+    if all(probes.values()):
+        for m, pr in probes.items():
+            lo, hi = pr["auc_within_family_ci95"]
+            lines.append(f"- {m}: AUC within families {pr['auc_within_family']:.2f} [{lo:.2f}, {hi:.2f}] "
+                         f"(pooled {pr['auc_pooled']:.2f}); the best re-read threshold per family, chosen on the "
+                         f"test problems, takes {100 * pr['first_accuracy_from_reads']:.1f}% to "
+                         f"{100 * pr['reread_bound']:.1f}%.")
+        lines += ["", "*Notice*: 0.5 is no signal; the model's confidence separates its right reads from its "
+                      "wrong ones only weakly, so a reflection that re-reads by confidence breaks about as many "
+                      "answers as it fixes.", ""]
+    else:
+        lines += ["not run", ""]
+    lines += ["## 18. When can a second look beat the first?", ""]
+    dots, gate = read_json(DOTS_COMPARISON), (read_json(BASE_GATE) or {}).get("gate")
+    if dots and "sft" in demo and gate:
+        for task, comp in (("two-step (toy)", demo), ("dots (toy-dots)", dots)):
+            rf = comp["sft"]["reflection"]
+            lines.append(f"- {task}: reflection SFT − base " + reading(comp["sft"]["paired"]["base"], comp["sft"]["n"])
+                         + f" Its reflection: w→r {rf['wrong_to_right']:.1f}%, r→w {rf['right_to_wrong']:.1f}%.")
+        lines += [f"- The two-step base's gate: first attempts right {100 * gate['G1_first']:.1f}%, the check asked "
+                  f"as its own task {100 * gate['G3_check']:.1f}%.", "",
+                  "*Notice*: a reflection pays where checking is easier than answering (G3 above G1); on the dots "
+                  "task the second look is the same glance as the first.", ""]
+    else:
+        lines += ["not run (needs `make demo-dots`)", ""]
     markdown = "\n".join(lines)
     with open(args.answers_out, "w") as f:
         f.write(markdown)

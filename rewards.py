@@ -9,7 +9,8 @@ have no second <think>):
 
 Every reward below is a pure function of (response text, gold answer) and returns a dict with the
 same keys (REWARD_KEYS), so training can log all components whatever the variant. Always
-total == format + accuracy + effectiveness + reflection_format + length.
+total == format + accuracy + effectiveness + reflection_format + length + verdict (verdict is 0 unless
+asked for: it is not in the paper, see below).
 
 variant="paper" (default), Eqs. (4)-(8) of the paper:
 
@@ -47,6 +48,13 @@ variant="final": RL on the final answer alone, for a policy that answers in the 
     layout its format term asks for: "grpo" under the reflective prompt would pay 0.5 less to every
     response that reflects. Totals in [0, 1.5].
 
+Not in the paper, off by default: verdict_weight (03 --verdict_reward, EXERCISES.md 14) adds to the paper
+variant `verdict_weight` when the reflection's verdict sentence says what the first answer was: "The first
+answer is right." over a right one, "... wrong." over a wrong one. No paper term reads the reflection's
+words, so under RL they drift where nothing holds them (RESULTS.md); this term is the exercise's answer.
+The sentence is the toy teacher's wording (VERDICT); a real teacher's reflections would need a pattern of
+their own. `verdict_honest` (0/1) is logged whatever the weight, so a run shows how honest its verdicts are.
+
 Responses are parsed and answers graded by machinery/grading.py (parse_response, first_answer,
 extract_answer, is_correct), the same functions 01 and 04 use.
 """
@@ -65,6 +73,7 @@ EFFECTIVENESS = {(True, True): 0.25, (False, True): 0.5, (True, False): -0.25, (
 # released code: accuracy folds I_eff in; (first right, last right) -> accuracy
 RELEASED_ACCURACY = {(True, True): 0.75, (False, True): 1.0, (True, False): 0.25, (False, False): 0.0}
 GRPO_ACCURACY = 1.0
+VERDICT = re.compile(r"The first answer is (right|wrong)\.")  # the toy teacher's verdict (toy/world.py)
 VARIANTS = ("paper", "released", "grpo", "final")
 PAPER_LAYOUTS = (("think", "answer", "reflection", "think", "answer"),  # RL prompt's layout
                  ("think", "answer", "reflection", "answer"))  # SFT targets' layout
@@ -72,7 +81,9 @@ REWARD_KEYS = (
     "total",  # the reward; = format + accuracy + effectiveness + reflection_format + length
     "format", "accuracy", "effectiveness", "reflection_format",  # R_format, R_accuracy, I_eff, I_ref
     "length",  # alpha * f_len
+    "verdict",  # verdict_weight x verdict_honest: not in the paper, 0 by default
     "f_len",  # Eq. (8) before weighting, for logging
+    "verdict_honest",  # 0/1: the reflection's verdict sentence matches the first answer, for logging
     "first_correct", "final_correct", "has_reflection",  # 0/1: first answer right, last answer
 )  # right (what evaluation scores), a non-empty <reflection> block (grading.has_reflection)
 
@@ -89,11 +100,12 @@ def f_len(L: float, first_len: float) -> float:
     return math.exp(-((abs(L - t_target) / (t_max - t_target)) ** 2))  # Eq. (8)
 
 
-def _result(fmt=0.0, acc=0.0, eff=0.0, ref=0.0, f=0.0, alpha=0.0, first=False, final=False, has_refl=False):
+def _result(fmt=0.0, acc=0.0, eff=0.0, ref=0.0, f=0.0, alpha=0.0, first=False, final=False, has_refl=False,
+            honest=False, verdict_weight=0.0):
     out = {"format": fmt, "accuracy": acc, "effectiveness": eff, "reflection_format": ref,
-           "length": alpha * f, "f_len": f, "first_correct": float(first),
-           "final_correct": float(final), "has_reflection": float(has_refl)}
-    out["total"] = fmt + acc + eff + ref + alpha * f
+           "length": alpha * f, "verdict": verdict_weight * honest, "f_len": f, "verdict_honest": float(honest),
+           "first_correct": float(first), "final_correct": float(final), "has_reflection": float(has_refl)}
+    out["total"] = fmt + acc + eff + ref + alpha * f + out["verdict"]
     return {k: float(out[k]) for k in REWARD_KEYS}
 
 
@@ -107,14 +119,21 @@ def _first_solution_len(p, count_tokens):
     return count_tokens(p["think1"] or "") + count_tokens(p["answer1"] or "")
 
 
+def honest_verdict(reflection, first_correct) -> bool:
+    """True when the reflection's last verdict sentence (VERDICT) says what the first answer was; False when
+    it says the opposite or has none. Not in the paper: exercise 14's term reads it."""
+    said = VERDICT.findall(reflection or "")
+    return bool(said) and (said[-1] == "right") == bool(first_correct)
+
+
 def paper_format(p) -> float:
     """R_format (Eq. 5) of a parsed response: the paper variant's layout (see paper_reward), blocks non-empty."""
     return FORMAT_REWARD if p["layout"] in PAPER_LAYOUTS and all(
         p[k] for k in ("think1", "answer1", "reflection", "answer2")) and p["think2"] != "" else 0.0
 
 
-def paper_reward(response, gold, *, count_tokens=None, alpha=0.1, use_length=True,
-                 use_effectiveness=True, use_accuracy=True, use_reflection_format=True, choices=None) -> dict:
+def paper_reward(response, gold, *, count_tokens=None, alpha=0.1, use_length=True, use_effectiveness=True,
+                 use_accuracy=True, use_reflection_format=True, verdict_weight=0.0, choices=None) -> dict:
     """SRPO reward as written in the paper, Eqs. (4)-(8); see the table at the top of the module.
 
     Format (R_format, our reading of the paper's template): the response is nothing but, in order,
@@ -136,7 +155,7 @@ def paper_reward(response, gold, *, count_tokens=None, alpha=0.1, use_length=Tru
     reflection earns 0.5, a wrong one 0; both rank below every well-formed reflective response
     (>= 0.75 + alpha*f_len), which is the habit SRPO trains, yet among non-reflective responses the
     right one still wins. Paying I_eff as if the answer were "kept" would instead reward skipping
-    the reflection. Bounds: 0 <= total <= 1.5 + alpha.
+    the reflection. Bounds: 0 <= total <= 1.5 + alpha (+ verdict_weight, not in the paper: see the module).
     """
     count_tokens = count_tokens or grading.default_count_tokens
     p, grade = grading.parse_response(response), _grader(gold, choices)
@@ -156,8 +175,9 @@ def paper_reward(response, gold, *, count_tokens=None, alpha=0.1, use_length=Tru
     ref = REFLECTION_FORMAT_REWARD if one_reflection and use_reflection_format and p["answer1"] is not None \
         and p["answer2"] is not None else 0.0
     f = f_len(count_tokens(response), _first_solution_len(p, count_tokens)) if use_length else 0.0
-    # Eqs. (4) and (6): R = R_format + R_accuracy + I_eff + I_ref + alpha * f_len
-    return _result(fmt, acc, eff, ref, f, alpha, first, final, has_refl)
+    honest = p["answer1"] is not None and honest_verdict(p["reflection"], first)  # not in the paper
+    # Eqs. (4) and (6): R = R_format + R_accuracy + I_eff + I_ref + alpha * f_len (+ the verdict term, default 0)
+    return _result(fmt, acc, eff, ref, f, alpha, first, final, has_refl, honest, verdict_weight)
 
 
 def released_reward(response, gold, *, count_tokens=None, alpha=0.1, use_length=True, choices=None) -> dict:
@@ -228,7 +248,7 @@ def final_reward(response, gold, *, choices=None) -> dict:
 
 def srpo_reward(response: str, gold: str, *, count_tokens=None, variant="paper", alpha=0.1,
                 use_length=True, use_effectiveness=True, use_accuracy=True, use_reflection_format=True,
-                choices=None) -> dict:
+                verdict_weight=0.0, choices=None) -> dict:
     """Reward of one response, every component included (keys: REWARD_KEYS, all floats).
 
     variant: "paper" (Eqs. 4-8, default), "released" (the authors' code), "grpo" (baseline) or "final"
@@ -236,7 +256,8 @@ def srpo_reward(response: str, gold: str, *, count_tokens=None, variant="paper",
     count_tokens: text -> token count (the policy's tokenizer in training; grading.default_count_tokens).
     Ablations: use_length=False drops alpha*f_len ("no f_len"), use_effectiveness=False drops I_eff
     ("no I_eff"), use_accuracy=False drops R_accuracy, use_reflection_format=False drops I_ref (these
-    three: paper variant only), alpha weighs f_len (0.1; the paper also tries 0.05 and 0.3).
+    three: paper variant only), alpha weighs f_len (0.1; the paper also tries 0.05 and 0.3). verdict_weight
+    (paper variant, default 0, not in the paper): paid for an honest verdict sentence (see the module).
     "released" honours alpha and use_length; "grpo" and "final" ignore them all.
     choices: option texts in order A, B, C, ... for multiple choice, else None.
 
@@ -247,6 +268,8 @@ def srpo_reward(response: str, gold: str, *, count_tokens=None, variant="paper",
         raise ValueError(f"unknown reward variant {variant!r}; choose from {VARIANTS}")
     if alpha < 0:
         raise ValueError("alpha must be >= 0")
+    if verdict_weight and variant != "paper":
+        raise ValueError(f"verdict_weight is a term of the paper variant only, not of {variant!r}")
     response = response or ""
     choices = list(choices) if choices else None
     if variant == "grpo":
@@ -258,4 +281,4 @@ def srpo_reward(response: str, gold: str, *, count_tokens=None, variant="paper",
                                use_length=use_length, choices=choices)
     return paper_reward(response, gold, count_tokens=count_tokens, alpha=alpha, use_length=use_length,
                         use_effectiveness=use_effectiveness, use_accuracy=use_accuracy,
-                        use_reflection_format=use_reflection_format, choices=choices)
+                        use_reflection_format=use_reflection_format, verdict_weight=verdict_weight, choices=choices)

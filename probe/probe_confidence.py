@@ -25,6 +25,7 @@ Writes `--out` (JSON) and prints two tables.
 """
 
 import json
+import math
 import os
 import re
 import sys
@@ -64,6 +65,13 @@ def auc(scores_right, scores_wrong):
         return None
     wins = sum((r > w) + 0.5 * (r == w) for r in scores_right for w in scores_wrong)
     return wins / (len(scores_right) * len(scores_wrong))
+
+
+def auc_se(a, n_right, n_wrong):
+    """Standard error of a ROC AUC `a` from n_right and n_wrong scores (Hanley & McNeil, 1982)."""
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    return math.sqrt(max(a * (1 - a) + (n_right - 1) * (q1 - a * a) + (n_wrong - 1) * (q2 - a * a), 0.0)
+                     / (n_right * n_wrong))
 
 
 THRESHOLDS = [round(0.1 * i, 1) for i in range(10)]
@@ -158,10 +166,14 @@ def main(args: Args):
                      "mean_prob_right": sum(s["right"]) / len(s["right"]) if s["right"] else None,
                      "mean_prob_wrong": sum(s["wrong"]) / len(s["wrong"]) if s["wrong"] else None,
                      "auc": auc(s["right"], s["wrong"])}
+        if rows[fam]["auc"] is not None:
+            rows[fam]["auc_se"] = auc_se(rows[fam]["auc"], len(s["right"]), len(s["wrong"]))
     pooled = auc([p for s in by_family.values() for p in s["right"]], [p for s in by_family.values() for p in s["wrong"]])
     scored = {f: r for f, r in rows.items() if r["auc"] is not None}
-    within = (sum(r["auc"] * r["reads"] for r in scored.values()) / sum(r["reads"] for r in scored.values())
-              if scored else None)
+    weights = {f: r["reads"] / sum(r["reads"] for r in scored.values()) for f, r in scored.items()}
+    within = sum(weights[f] * r["auc"] for f, r in scored.items()) if scored else None
+    half = 1.96 * math.sqrt(sum((weights[f] * r["auc_se"]) ** 2 for f, r in scored.items())) if scored else None
+    within_ci = [within - half, within + half] if scored else None  # families independent
 
     # 2. The best a confidence-driven re-read could do. Threshold 0 changes nothing (the first answer,
     # recomputed from the values read, so a written slip in the arithmetic does not count).
@@ -181,7 +193,7 @@ def main(args: Args):
     bound = bound_right / n
 
     result = {"model": args.model, "prompt": args.prompt, "n": n, "per_family": rows,
-              "auc_pooled": pooled, "auc_within_family": within,
+              "auc_pooled": pooled, "auc_within_family": within, "auc_within_family_ci95": within_ci,
               "first_accuracy_from_reads": sum(first) / n, "reread_sweep": sweep,
               "reread_best_per_family": best_per_family, "reread_bound": bound}
     out = args.out or os.path.join("runs", "probe", os.path.basename(os.path.normpath(args.model)) + ".json")
@@ -196,7 +208,8 @@ def main(args: Args):
     for fam, r in rows.items():
         print(f"| {fam} | {r['reads']} | {100 * r['read_right']:.1f} | {fmt(r['mean_prob_right'])} | "
               f"{fmt(r['mean_prob_wrong'])} | {fmt(r['auc'])} |")
-    print(f"\nAUC pooled over families {fmt(pooled)}, within families (weighted by reads) {fmt(within)}; "
+    print(f"\nAUC pooled over families {fmt(pooled)}, within families (weighted by reads) {fmt(within)} "
+          f"[{fmt(within_ci and within_ci[0])}, {fmt(within_ci and within_ci[1])}] (95%, Hanley-McNeil); "
           "0.5 = no signal.")
     print("\nRe-reading every value below a threshold as the model's second choice:\n")
     print("| threshold | accuracy % | wrong→right % | right→wrong % |")

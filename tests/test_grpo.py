@@ -54,6 +54,20 @@ def _rollout(model_dir, G=2, n=3, T=1.0, max_new_tokens=24):
     return model, proc, enc, group, comp, mask, vs
 
 
+def test_reward_flags_reach_the_reward():
+    """make_reward_fn passes every reward flag of 03 on: here the ablations' switches and exercise 14's term."""
+    prompt = {"answer": "7", "choices": []}
+    text = ("<think>Add.</think><answer>8</answer><reflection>The first answer is wrong.</reflection>"
+            "<think>Again.</think><answer>7</answer>")
+    score = lambda **flags: grpo.make_reward_fn(grpo.Args(**flags), len)(text, prompt)  # noqa: E731
+    base = score()
+    assert (base["verdict_honest"], base["verdict"], base["effectiveness"]) == (1.0, 0.0, 0.5)
+    assert score(verdict_reward=0.25)["total"] == pytest.approx(base["total"] + 0.25)
+    assert score(use_effectiveness=False)["total"] == pytest.approx(base["total"] - 0.5)
+    assert score(alpha=0.0)["length"] == 0 and score(use_reflection_format=False)["reflection_format"] == 0
+    assert score(reward="grpo")["total"] == 1.0  # the last answer, no format for the reflective layout
+
+
 def test_repeat_for_group_repeats_images(tiny_model_dir):
     proc = policy.load_processor(tiny_model_dir)
     ds = toy.toy_dataset("test", 3)

@@ -15,6 +15,8 @@ def test_auc():
     assert probe.auc([0.5, 0.5], [0.5]) == 0.5  # ties count half
     assert probe.auc([0.9, 0.3], [0.5]) == 0.5
     assert probe.auc([], [0.5]) is None
+    assert abs(probe.auc_se(0.5, 100, 100) - 0.0409) < 1e-4  # Hanley & McNeil's closed form at no signal
+    assert probe.auc_se(1.0, 10, 10) == 0.0 and probe.auc_se(0.8, 50, 50) < probe.auc_se(0.8, 10, 10)
 
 
 def _problem(family):

@@ -41,7 +41,7 @@ def plain(answer):
 
 
 def components_sum(r):
-    return r["format"] + r["accuracy"] + r["effectiveness"] + r["reflection_format"] + r["length"]
+    return r["format"] + r["accuracy"] + r["effectiveness"] + r["reflection_format"] + r["length"] + r["verdict"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -418,6 +418,30 @@ def test_final_answer_reward():
     for variant, reflecting_minus_plain in (("grpo", -0.5), ("final", +0.5), ("paper", +1.1)):
         right = [R.srpo_reward(x, "7", variant=variant)["total"] for x in (reflective("7", "7"), plain("7"))]
         assert right[0] - right[1] == pytest.approx(reflecting_minus_plain), variant
+
+
+def test_verdict_term_pays_an_honest_verdict_only():
+    """verdict_weight (not in the paper, exercise 14): paid when the reflection's last verdict sentence says
+    what the first answer was; nothing for the opposite, none or a verdict outside the reflection; 0 weight
+    changes no other term."""
+    def said(first, final, verdict, where="reflection"):
+        text = f"Check: blue: 5. The first answer is {verdict}."
+        body = (f"<think>{THINK1}</think><answer>{first}</answer><reflection>{text if where == 'reflection' else 'ok'}"
+                f"</reflection><think>Redo.</think><answer>{final}</answer>")
+        return body + (f" {text}" if where == "after" else "")
+    for first, verdict, honest in (("7", "right", 1.0), ("8", "wrong", 1.0), ("7", "wrong", 0.0), ("8", "right", 0.0)):
+        off = R.srpo_reward(said(first, "7", verdict), "7")
+        on = R.srpo_reward(said(first, "7", verdict), "7", verdict_weight=0.25)
+        assert off["verdict_honest"] == on["verdict_honest"] == honest and off["verdict"] == 0
+        assert on["verdict"] == 0.25 * honest and on["total"] == pytest.approx(off["total"] + 0.25 * honest)
+        assert {k: v for k, v in on.items() if k not in ("verdict", "total")} == \
+            {k: v for k, v in off.items() if k not in ("verdict", "total")}
+    assert R.srpo_reward(said("7", "7", "right", where="after"), "7", verdict_weight=0.25)["verdict"] == 0
+    assert R.srpo_reward(said("7", "7", "right").replace("right.", "right"), "7", verdict_weight=1)["verdict"] == 0
+    assert R.honest_verdict("The first answer is right. No: The first answer is wrong.", False)  # the last counts
+    assert R.srpo_reward(plain("7") + " The first answer is right.", "7", verdict_weight=1)["verdict"] == 0
+    with pytest.raises(ValueError):
+        R.srpo_reward(said("7", "7", "right"), "7", variant="grpo", verdict_weight=0.25)
 
 
 def test_reward_api():

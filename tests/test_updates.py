@@ -98,6 +98,8 @@ def test_update_slices_split_whole_groups():
         assert sum(w.sum().item() for _, w in lock) == 2 * sum(mask)
     with pytest.raises(Exception, match="updates_per_rollout"):
         grpo.check_args(grpo.Args(updates_per_rollout=5, prompts_per_step=4))
+    with pytest.raises(Exception, match="verdict_reward"):  # a term of the paper's reward only
+        grpo.check_args(grpo.Args(reward="grpo", verdict_reward=0.25))
 
 
 def test_k4_clips_and_logs_every_optimizer_step(tmp_path):
