@@ -187,7 +187,8 @@ answers: $(VENV)/.installed
 		for n in 1 3 5 7 9 11 13 15; do $(MAKE) exercise N=$$n THREADS=1 || exit 1; done)
 	$(MAKE) exercise N=17
 	echo $$(( $$(date +%s) - $$(cat $(EX)/answers_started) )) > $(EX)/answers_seconds.txt
-	$(PY) report.py --answers $(EX) --answers_out docs/answers.md --demo_dir $(DEMO) --runs_dir $(OUT)
+	$(PY) report.py --answers $(EX) --answers_out docs/answers.md --demo_dir $(DEMO) --runs_dir $(OUT) \
+		--dots_demo_dir $(DOTS_DEMO)
 
 # DeepSpeed, for the ZeRO-2/3 tests only (tests/test_sharded.py): not in requirements.txt, since the toy
 # never needs it. DS_BUILD_OPS=0: nothing is compiled at install time (on a CPU the first run compiles

@@ -76,6 +76,8 @@ class Args:
     (printed, and written to --answers_out)"""
     answers_out: str = "docs/answers.md"
     """--answers: where the key is written"""
+    dots_demo_dir: str = "runs/demo-dots"
+    """--answers: 04_eval.py's --out_dir of `make demo-dots` (exercise 18 reads its comparison)"""
 
 
 KINDS = (("wrong-to-right", "wrong → right: the reflection fixed the first answer", False, True),
@@ -404,7 +406,6 @@ EXERCISES = {
          "the reference); paid 0.25 for honesty it reaches {ex[honest]:.0f}%, while final accuracy moves as "
          "the interval says."),
 }
-DOTS_COMPARISON = "runs/demo-dots/toy-dots-test/comparison.json"  # `make demo-dots`' 04 output
 BASE_GATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy", "base_model", "eval.json")
 
 
@@ -472,8 +473,8 @@ def exercise_section(n, what, keys, notice, folder):
     figs["log_ex"] = last_means(os.path.join(folder, "model", log), keys)
     figs["log_ref"] = last_means(os.path.join(ref["model"], "metrics.jsonl"), (*keys, "length"))
     if keys:
-        cells = [f"{k} {figs['log_ref'].get(k, float('nan')):.4g} → {figs['log_ex'].get(k, float('nan')):.4g}"
-                 for k in keys]
+        show = lambda log, k: f"{log[k]:.4g}" if k in log else "not logged"  # noqa: E731
+        cells = [f"{k} {show(figs['log_ref'], k)} → {show(figs['log_ex'], k)}" for k in keys]
         lines.append(f"Training log, mean of the last ten {'optimizer steps' if n == 12 else 'steps'} "
                      f"(reference → exercise): " + "; ".join(cells) + ".")
     try:
@@ -553,7 +554,8 @@ def answers_markdown(args: Args):
     else:
         lines += ["not run", ""]
     lines += ["## 18. When can a second look beat the first?", ""]
-    dots, gate = read_json(DOTS_COMPARISON), (read_json(BASE_GATE) or {}).get("gate")
+    dots = read_json(os.path.join(args.dots_demo_dir, "toy-dots-test", "comparison.json"))
+    gate = (read_json(BASE_GATE) or {}).get("gate")
     if dots and "sft" in demo and gate:
         for task, comp in (("two-step (toy)", demo), ("dots (toy-dots)", dots)):
             rf = comp["sft"]["reflection"]
