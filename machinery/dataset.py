@@ -68,22 +68,28 @@ def encode_sft(processor, questions, images, targets, system_prompt, untrained_p
     """Right-padded prompt + assistant target with `labels` = -100 everywhere except the target (Eq. 1).
 
     The target ends with the chat end-of-turn token, which is trained too, so the model learns to stop.
-    untrained_prefix: a tag (e.g. "<reflection>"); the part of each target before it is context, not
-    trained on (02's --no-train_first_attempt: the policy's own first attempt stays out of the loss).
+    untrained_prefix: a tag (e.g. "<reflection>"); the part of each target before it, up to its last
+    non-space character, is context, not trained on (02's --no-train_first_attempt: the policy's own first
+    attempt stays out of the loss). The separator after it ("\n") is trained, and so is a token that merges
+    the attempt's end with it (a BPE ">\n"): that token is the decision to go on after the first answer,
+    and were it masked, rows that stop there (01's direct rows) would be the only ones to teach it.
     """
     tok = processor.tokenizer
     eot = tok.convert_tokens_to_ids("<|im_end|>")
     prompts = [build_prompt(processor, q, im is not None, system_prompt) for q, im in zip(questions, images)]
     # Encode prompt-only first: its length (image tokens expanded) is where the target starts.
-    contexts = [p + t[:t.find(untrained_prefix)] if untrained_prefix and untrained_prefix in t else p
+    contexts = [p + t[:t.find(untrained_prefix)].rstrip() if untrained_prefix and untrained_prefix in t else p
                 for p, t in zip(prompts, targets)]
-    prompt_lens = [int(m.sum()) for m in processor(text=contexts, images=_as_rgb(images) or None, padding=True,
-                                                   return_tensors="pt", padding_side="right")["attention_mask"]]
+    context = processor(text=contexts, images=_as_rgb(images) or None, padding=True, return_tensors="pt",
+                        padding_side="right")
+    prompt_lens = [int(m.sum()) for m in context["attention_mask"]]
     full = [p + t + "<|im_end|>" for p, t in zip(prompts, targets)]
     batch = processor(text=full, images=_as_rgb(images) or None, padding=True, return_tensors="pt",
                       padding_side="right")
     labels = batch["input_ids"].clone()
     for i, n in enumerate(prompt_lens):
+        if contexts[i] != prompts[i] and batch["input_ids"][i, n - 1] != context["input_ids"][i, n - 1]:
+            n -= 1  # the context's last token merged with the separator after it: train that token
         labels[i, :n] = -100
     labels[batch["attention_mask"] == 0] = -100
     assert (labels[batch["attention_mask"].bool()] != -100).sum() > 0 and eot in batch["input_ids"]

@@ -94,16 +94,53 @@ def test_label_mask_covers_exactly_the_assistant_tokens(tiny_model_dir, sft_data
         assert len(image_positions) == 16 and all(labels[t] == -100 for t in image_positions)
         assert tok.decode(ids[:begin]).count(row["question"]) == 1  # the user turn is in the masked part
     assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
-    # --no-train_first_attempt: the same tokens, trained from <reflection> on
+    # --no-train_first_attempt: the same tokens, trained from the separator after the first answer on (the
+    # decision to go on and reflect is trained; only the first attempt itself is context)
     cut = sft.encode_rows(processor, rows, root=os.path.dirname(sft_data), data_path=sft_data,
                           untrained_prefix="<reflection>")
     assert torch.equal(cut["input_ids"], batch["input_ids"])
     reflection = tok.convert_tokens_to_ids("<reflection>")
     for i in range(len(rows)):
         ids, labels = batch["input_ids"][i].tolist(), cut["labels"][i].tolist()
-        start = ids.index(reflection, [t for t, x in enumerate(ids) if x == im_start][2])  # the target's, not the system prompt's
+        start = ids.index(reflection, [t for t, x in enumerate(ids) if x == im_start][2]) - 1  # the target's "\n"
+        assert tok.decode(ids[start - 1:start + 2]) == "</answer>\n<reflection>"
         assert all(x == -100 for x in labels[:start]) and labels[start:] == batch["labels"][i].tolist()[start:]
-        assert labels[start] == reflection
+
+
+def test_untrained_first_attempt_trains_a_merged_separator_token():
+    """A BPE tokenizer may merge the first attempt's last character with the separator (">\n"): encode_sft then
+    trains that token, since it decides whether the model goes on after the first answer. A stand-in
+    processor whose vocabulary is one token per character, except ">\n", which is one token."""
+    from types import SimpleNamespace
+
+    def encode(text):
+        out, k = [], 0
+        while k < len(text):
+            step = 2 if text[k:k + 2] == ">\n" else 1
+            out.append(1000 if step == 2 else ord(text[k]))
+            k += step
+        return out
+
+    class Chars:
+        tokenizer = SimpleNamespace(convert_tokens_to_ids=lambda _: 7)
+
+        def apply_chat_template(self, messages, **_):
+            return "P|"
+
+        def __call__(self, text, **_):
+            ids = [encode(t.replace("<|im_end|>", "\x07")) for t in text]
+            width = max(map(len, ids))
+            return {"input_ids": torch.tensor([x + [0] * (width - len(x)) for x in ids]),
+                    "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])}
+
+    target = "<a>1</a>\n<r>ok</r><a>1</a>"
+    batch = dataset.encode_sft(Chars(), ["q"], [None], [target], "system", untrained_prefix="<r>")
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    merged = ids.index(1000)
+    assert all(x == -100 for x in labels[:merged]) and labels[merged:] == ids[merged:]
+    plain = dataset.encode_sft(Chars(), ["q"], [None], [target.replace("\n", " ")], "system", untrained_prefix="<r>")
+    space = plain["input_ids"][0].tolist().index(ord(" "))  # no merge: trained from the separator itself
+    assert all(x == -100 for x in plain["labels"][0, :space]) and plain["labels"][0, space] == ord(" ")
 
 
 def test_bad_rows_name_file_row_and_field(tmp_path, sft_data):
