@@ -110,7 +110,8 @@ class Args(training.TrainArgs):
     """images with more pixels are downscaled first, keeping the aspect ratio (paper: 262,144)"""
     train_first_attempt: bool = True
     """the policy's own first attempt (the target before <reflection>) is in the loss, as in the paper;
-    --no-train_first_attempt keeps it as context only (an ablation: its errors are not imitated)"""
+    --no-train_first_attempt keeps it as context only (an ablation: its errors are not imitated); the line
+    break after it, where the model decides to go on and reflect, stays in the loss"""
     merge_lora: bool = False
     """LoRA: also save a merged full model under out_dir/merged"""
     eval_size: int = 200
