@@ -367,15 +367,18 @@ EXERCISES = {
         "recipe: {ref[reflects]:.0f}%): RL then samples groups that all reflect and has little to choose between "
         "(RESULTS.md, the recipe)."),
     3: ("the teacher's check without the re-read", (),
-        "The re-read (\"blue: 5.\") opens the check the base model was trained on (its gate G3); without it "
-        "the reflection asks SFT for a check in a form the base never practised: w→r {ref[w2r]:.1f} → "
-        "{ex[w2r]:.1f}."),
+        "The re-read (\"blue: 5.\") opens the check the base model was trained on (its gate G3). An early recipe "
+        "without it fell to 15%, its checks copying wrong numbers from the first attempt (docs/notebook.md); read "
+        "the interval for today's recipe (w→r {ref[w2r]:.1f} → {ex[w2r]:.1f}). Where it no longer matters, the "
+        "cause is not isolated: the direct rows, the larger pool and the rebuilt base all changed since."),
     4: ("reflection SFT for 1 epoch", (),
         "The budget sets how sharply SFT fits the set's habit (half the rows reflect): the reflection rate "
         "{ref[reflects]:.0f}% → {ex[reflects]:.0f}%; read loss.png of both runs."),
     5: ("the first attempt masked out of the SFT loss", (),
-        "Masked out of the loss, the first attempt is never trained, yet at test time the model writes it "
-        "itself: first answers {ref[first]:.1f}% → {ex[first]:.1f}%; read what it writes in items.jsonl."),
+        "Masked out of the loss, the first attempt is never trained, yet the model writes it at test time as "
+        "before: it was the policy's own output, so imitating it taught little (first answers {ref[first]:.1f}% "
+        "→ {ex[first]:.1f}%). What the mask must not hide is the line break after it, where the model decides "
+        "to reflect (reflects {ref[reflects]:.0f}% → {ex[reflects]:.0f}%; docs/notebook.md)."),
     6: ("no length reward (alpha 0)", ("f_len", "response_tokens"),
         "f_len over the reference's last ten steps is {log_ref[f_len]:.2g}, so alpha x f_len is about "
         "{log_ref[length]:.1g} against rewards of 0-3: dropping it removes no signal, and any difference is noise."),

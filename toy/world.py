@@ -8,8 +8,9 @@ Two tasks (`--data toy` / `--data toy-dots`, `04_eval.py --benchmark toy` / `toy
   "What is blue x 7 + 3?". The base model's first attempt reads n and writes the result in one step
   ("blue: 5. 5 x 7 + 3 = 38."), which it often gets wrong; the same model asked to check it step by
   step ("blue: 5. 5 x 7 = 35. 35 + 3 = 38.": n read again, then one operation at a time) is right far
-  more often. The re-read matters: reflection SFT on checks without it reached 15% on a test it
-  reached 80.5% on with it (docs/notebook.md). So a reflection that re-does the
+  more often. The re-read once mattered: on an early recipe, reflection SFT on checks without it reached
+  15% on a test it reached 80.5% on with it (docs/notebook.md; on the demo's recipe today: exercise 3 of
+  EXERCISES.md, measured in docs/answers.md). So a reflection that re-does the
   arithmetic step by step can fix wrong answers without breaking right ones: a second look that is
   better than the first, the property SRPO needs.
 * `toy-dots`, the contrast: dot charts with two or three colours and a bar chart (count, add,
