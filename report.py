@@ -551,9 +551,10 @@ def answers_markdown(args: Args):
                          f"(pooled {pr['auc_pooled']:.2f}); the best re-read threshold per family, chosen on the "
                          f"test problems, takes {100 * pr['first_accuracy_from_reads']:.1f}% to "
                          f"{100 * pr['reread_bound']:.1f}%.")
-        lines += ["", "*Notice*: 0.5 is no signal; the model's confidence separates its right reads from its "
-                      "wrong ones only weakly, so a reflection that re-reads by confidence breaks about as many "
-                      "answers as it fixes.", ""]
+        lines += ["", "*Notice*: 0.5 is no signal, 1 a perfect split: the confidence separates right reads from "
+                      "wrong ones only weakly. Even the re-read at each family's best threshold, chosen on the test "
+                      "problems themselves (a bound no model can reach), gains only the points above, while the "
+                      "reflection SFT the model learned loses points against its base (exercise 18).", ""]
     else:
         lines += ["not run", ""]
     lines += ["## 18. When can a second look beat the first?", ""]
