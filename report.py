@@ -462,9 +462,9 @@ def exercise_section(n, what, keys, notice, folder):
             for m in ("reference", f"ex{n}")}
     figs = {"ref": exercise_figures(comp, "reference", rows["reference"]),
             "ex": exercise_figures(comp, f"ex{n}", rows[f"ex{n}"])}
-    seconds_path = os.path.join(folder, "seconds.txt")
-    seconds = open(seconds_path).read().strip() if os.path.exists(seconds_path) else "?"
-    lines = [f"## {n}. {what}", "", f"`make exercise N={n}`: {seconds} s on this machine.", "",
+    seconds, commit = (open(p).read().strip() if os.path.exists(p) else "?"
+                       for p in (os.path.join(folder, "seconds.txt"), os.path.join(folder, "commit")))
+    lines = [f"## {n}. {what}", "", f"`make exercise N={n}`: {seconds} s on this machine, at commit {commit}.", "",
              "| model | final % | first % | reflects % | w→r / r→w % | tokens | honest verdict % |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for label, f in (("reference", figs["ref"]), (f"exercise {n}", figs["ex"])):
@@ -498,7 +498,7 @@ def answers_markdown(args: Args):
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "?"
     lines = ["# Answer key (written by `make answers`; do not edit)", "",
-             f"Made at commit {commit}. Each exercise of EXERCISES.md as `make exercise N=<n>` ran it on the",
+             f"Written at commit {commit}. Each exercise of EXERCISES.md as `make exercise N=<n>` ran it on the",
              "current defaults, beside its reference from `make demo` (stage 1: the reflection SFT; stage 2: SRPO),",
              "greedy on the same 500 test problems; intervals are paired 95% intervals of the difference in points,",
              "about 1.4 times as wide as on the demo's 1,000. Rerun `make answers` when a default changes."]
