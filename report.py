@@ -501,7 +501,8 @@ def answers_markdown(args: Args):
              f"Written at commit {commit}. Each exercise of EXERCISES.md as `make exercise N=<n>` ran it on the",
              "current defaults, beside its reference from `make demo` (stage 1: the reflection SFT; stage 2: SRPO),",
              "greedy on the same 500 test problems; intervals are paired 95% intervals of the difference in points,",
-             "about 1.4 times as wide as on the demo's 1,000. Rerun `make answers` when a default changes."]
+             "about 1.4 times as wide as on the demo's 1,000. Each exercise names the commit it ran at: rerun",
+             "`make answers` when a default changes, `make exercise N=<n>` when code that exercise runs does."]
     took = os.path.join(args.answers, "answers_seconds.txt")
     if os.path.exists(took):
         lines.append(f"`make answers` took {int(open(took).read()) / 60:.0f} min here, besides `make demo`.")
