@@ -53,7 +53,11 @@ variant `verdict_weight` when the reflection's verdict sentence says what the fi
 answer is right." over a right one, "... wrong." over a wrong one. No paper term reads the reflection's
 words, so under RL they drift where nothing holds them (RESULTS.md); this term is the exercise's answer.
 The sentence is the toy teacher's wording (VERDICT); a real teacher's reflections would need a pattern of
-their own. `verdict_honest` (0/1) is logged whatever the weight, so a run shows how honest its verdicts are.
+their own. It is paid only in a reflection I_ref would pay for. `verdict_honest` (0/1) is logged by the paper
+variant whatever the weight (0 in the others). The term opens a cheaper path than honesty: at w = 0.25,
+wrong -> right with an honest "wrong" earns 1.5 (+ alpha*f_len), as much as right -> right under a false
+"wrong", so a policy that cannot yet tell its right first answers can make them wrong instead; on the toy it
+does (EXERCISES.md 14, docs/answers.md). Honest right -> right (1.75) stays the top.
 
 Responses are parsed and answers graded by machinery/grading.py (parse_response, first_answer,
 extract_answer, is_correct), the same functions 01 and 04 use.
@@ -175,7 +179,8 @@ def paper_reward(response, gold, *, count_tokens=None, alpha=0.1, use_length=Tru
     ref = REFLECTION_FORMAT_REWARD if one_reflection and use_reflection_format and p["answer1"] is not None \
         and p["answer2"] is not None else 0.0
     f = f_len(count_tokens(response), _first_solution_len(p, count_tokens)) if use_length else 0.0
-    honest = p["answer1"] is not None and honest_verdict(p["reflection"], first)  # not in the paper
+    well_formed = one_reflection and p["answer1"] is not None and p["answer2"] is not None  # as I_ref asks
+    honest = well_formed and honest_verdict(p["reflection"], first)  # not in the paper
     # Eqs. (4) and (6): R = R_format + R_accuracy + I_eff + I_ref + alpha * f_len (+ the verdict term, default 0)
     return _result(fmt, acc, eff, ref, f, alpha, first, final, has_refl, honest, verdict_weight)
 

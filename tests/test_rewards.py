@@ -440,6 +440,8 @@ def test_verdict_term_pays_an_honest_verdict_only():
     assert R.srpo_reward(said("7", "7", "right").replace("right.", "right"), "7", verdict_weight=1)["verdict"] == 0
     assert R.honest_verdict("The first answer is right. No: The first answer is wrong.", False)  # the last counts
     assert R.srpo_reward(plain("7") + " The first answer is right.", "7", verdict_weight=1)["verdict"] == 0
+    cut = "<think>a</think><answer>8</answer><reflection>The first answer is wrong.</reflection>"  # no answer after
+    assert R.srpo_reward(cut, "7", verdict_weight=1)["verdict"] == 0  # paid only where I_ref would pay
     with pytest.raises(ValueError):
         R.srpo_reward(said("7", "7", "right"), "7", variant="grpo", verdict_weight=0.25)
 
