@@ -238,10 +238,11 @@ def write_report(args: Args):
 
 # Shown above the responses: what a reader otherwise takes for a bug.
 DRIFT_NOTE = ("<p class=\"small\">Read the reflection's words with the reward in mind: no reward term reads them. "
-              "The reward pays for the second answer (R_accuracy, I_eff), the layout (R_format, I_ref) and the "
-              "length (f_len), so after RL the verdict (\"The first answer is wrong.\") and the colour the "
-              "check names drift to whatever the policy writes most, even over a right first answer it keeps: "
-              "the numbers are checked, the words are not (EXERCISES.md, exercise 14).</p>")
+              "The reward pays for the answers (R_accuracy, I_eff), the layout (R_format, I_ref) and the length "
+              "(f_len), so the verdict (\"The first answer is wrong.\") and the colour the check names are what "
+              "SFT left them: the verdict its data's majority, said whether the first answer was right or not "
+              "(the model never learned to compare), the colour whatever it writes most. The numbers are "
+              "checked, the words are not (EXERCISES.md, exercise 14).</p>")
 
 
 # The paper's 7B ablation (average over MathVista, MathVerse, MathVision, MMMU-Pro and Physics) and ours:
@@ -359,13 +360,14 @@ def seeds_table(args: Args):
 # steps of both runs, what to notice: a sentence formatted with the run's figures, see exercise_figures).
 EXERCISES = {
     1: ("70% right first answers in the reflection set", (),
-        "The share of rows that reflect (exercise 2) sets how often SFT reflects; the share of right first answers "
-        "among them sets what its reflection concludes: r→w {ref[r2w]:.1f} → {ex[r2w]:.1f}, honest verdicts "
-        "{ref[honest]:.0f}% → {ex[honest]:.0f}%."),
+        "The share of rows that reflect (exercise 2) sets how often SFT reflects; the verdicts in the set set what "
+        "its reflection concludes. The reference SFT says \"right\" on {ref[said_right]:.0f}% of its verdicts, this "
+        "one on {ex[said_right]:.0f}%: the majority verdict of its data, whether the first answer was right "
+        "({ex[right_if_right]:.0f}%) or wrong ({ex[right_if_wrong]:.0f}%), since it has not learned to compare."),
     2: ("the paper's set, no direct rows", (),
-        "Every row of the paper's set reflects, so SFT reflects on {ex[reflects]:.0f}% of answers (the demo's "
-        "recipe: {ref[reflects]:.0f}%): RL then samples groups that all reflect and has little to choose between "
-        "(RESULTS.md, the recipe)."),
+        "Every row of the paper's set reflects: SFT reflects on {ex[reflects]:.0f}% of answers (the recipe's: "
+        "{ref[reflects]:.0f}%) and scores as the interval says; RL adds less from it (RESULTS.md, the recipe), "
+        "its samples all reflecting and leaving little to choose between."),
     3: ("the teacher's check without the re-read", (),
         "The re-read (\"blue: 5.\") opens the check the base model was trained on (its gate G3). An early recipe "
         "without it fell to 15%, its checks copying wrong numbers from the first attempt (docs/notebook.md); read "
@@ -381,7 +383,7 @@ EXERCISES = {
         "to reflect (reflects {ref[reflects]:.0f}% → {ex[reflects]:.0f}%; docs/notebook.md)."),
     6: ("no length reward (alpha 0)", ("f_len", "response_tokens"),
         "f_len over the reference's last ten steps is {log_ref[f_len]:.2g}, so alpha x f_len is about "
-        "{log_ref[length]:.1g} against rewards of 0-3: dropping it removes no signal, and any difference is noise."),
+        "{log_ref[length]:.1g} against rewards of 0-1.6: dropping it removes no signal, and any difference is noise."),
     7: ("no I_eff", ("wrong_to_right", "right_to_wrong"),
         "Without I_eff no term looks at the answer after the reflection (R_accuracy grades the first), so nothing "
         "stops a reflection from breaking a right answer: r→w {ref[r2w]:.1f} → {ex[r2w]:.1f}."),
@@ -390,8 +392,8 @@ EXERCISES = {
         "all-equal rewards carry no signal (zero_spread_groups above), and the model reflects on "
         "{ex[reflects]:.0f}% of answers against {ref[reflects]:.0f}%."),
     9: ("a k3 KL, beta 0.1", ("kl", "final_accuracy"),
-        "beta x KL pulls the policy back towards the SFT model it started from; kl above is what was left "
-        "between them at the end, and the accuracy difference is what the leash cost at this beta."),
+        "beta x KL pulls the policy back towards the SFT model it started from; the reference's kl reads 0 "
+        "because at beta 0 it is not computed. Read the interval for what the leash cost at this beta."),
     10: ("G = 2 at 256 samples a step", ("zero_spread_groups", "groups_kept"),
          "Two rewards a group have zero spread whenever both samples earn the same, so fewer groups carry a "
          "signal at the same 256 samples a step (zero_spread_groups and groups_kept above)."),
@@ -402,12 +404,15 @@ EXERCISES = {
          "The first optimizer step of a rollout sees ratio 1 (pi_theta = pi_old, so the reference's clip_frac is "
          "0); from the second on the policy has moved, and the clip stops the share of tokens in clip_frac."),
     13: ("sequence-mean loss aggregation", ("response_tokens", "loss"),
-         "A group's responses differ by a few tokens here ({ref[tokens]:.0f} on average), so weighing tokens or "
+         "A group's responses here share one layout and about {ref[tokens]:.0f} tokens, so weighing tokens or "
          "responses equally moves the gradient little; it matters when long wrong answers hold most tokens."),
-    14: ("an honest-verdict term (--verdict_reward 0.25)", ("verdict_honest",),
-         "No term of the paper's reward reads the verdict, so under RL it drifts (honest {ref[honest]:.0f}% in "
-         "the reference); paid 0.25 for honesty it reaches {ex[honest]:.0f}%, while final accuracy moves as "
-         "the interval says."),
+    14: ("an honest-verdict term (--verdict_reward 0.25)", ("verdict_honest", "first_correct"),
+         "No paper term reads the verdict, and the SFT model already says \"wrong\" on {ref[said_wrong]:.0f}% "
+         "of its verdicts, right first answer or not: it has not learned to compare its check with its first "
+         "answer. Paid 0.25 for an honest verdict, RL says \"right\" on {ex[right_if_right]:.0f}% of right first "
+         "answers, and the first answer goes {ref[first]:.1f}% → {ex[first]:.1f}%. Where honesty rises with "
+         "fewer right first answers, RL took the cheaper path rewards.py describes (a wrong first answer "
+         "fixed under an honest \"wrong\" ties a right one under a false one): a reward hack, not honesty."),
 }
 BASE_GATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy", "base_model", "eval.json")
 
@@ -420,11 +425,16 @@ def last_means(metrics_path, keys, last=10):
     return {k: sum(r[k] for r in rows) / len(rows) for k in keys if rows and all(k in r for r in rows)}
 
 
-def honest_verdicts(rows):
-    """Share of reflections whose verdict ("The first answer is right/wrong.") matches the first answer."""
-    verdicts = [(rewards.VERDICT.findall(r["response"]), r["first_correct"]) for r in rows]
-    judged = [(said[-1] == "right") == bool(first) for said, first in verdicts if said]
-    return sum(judged) / len(judged) if judged else float("nan")
+def verdict_figures(rows):
+    """What the reflections' verdicts ("The first answer is right/wrong.") say, in %: said_right and said_wrong
+    of all verdicts; right_if_right / right_if_wrong: the share saying "right" over right / wrong first answers.
+    An honest verdict has right_if_right near 100 and right_if_wrong near 0; a constant one has them equal."""
+    said = [(rewards.VERDICT.findall(r["response"])[-1], bool(r["first_correct"])) for r in rows
+            if rewards.VERDICT.search(r["response"])]
+    share = lambda xs: 100 * sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    return {"said_right": share([v == "right" for v, _ in said]), "said_wrong": share([v == "wrong" for v, _ in said]),
+            "right_if_right": share([v == "right" for v, first in said if first]),
+            "right_if_wrong": share([v == "right" for v, first in said if not first])}
 
 
 def read_json(path):
@@ -449,7 +459,7 @@ def exercise_figures(comp, name, rows):
     c, rf = comp[name], comp[name]["reflection"]
     return {"final": 100 * c["final_accuracy"], "first": rf["first_acc"], "reflects": rf["reflection_rate"],
             "w2r": rf["wrong_to_right"], "r2w": rf["right_to_wrong"], "tokens": rf["mean_response_tokens"],
-            "honest": 100 * honest_verdicts(rows)}
+            **verdict_figures(rows)}
 
 
 def exercise_section(n, what, keys, notice, folder):
@@ -465,11 +475,11 @@ def exercise_section(n, what, keys, notice, folder):
     seconds, commit = (open(p).read().strip() if os.path.exists(p) else "?"
                        for p in (os.path.join(folder, "seconds.txt"), os.path.join(folder, "commit")))
     lines = [f"## {n}. {what}", "", f"`make exercise N={n}`: {seconds} s on this machine, at commit {commit}.", "",
-             "| model | final % | first % | reflects % | w→r / r→w % | tokens | honest verdict % |",
+             "| model | final % | first % | reflects % | w→r / r→w % | tokens | says \"right\" % if first right / wrong |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for label, f in (("reference", figs["ref"]), (f"exercise {n}", figs["ex"])):
         lines.append(f"| {label} | {f['final']:.1f} | {f['first']:.1f} | {f['reflects']:.1f} | {f['w2r']:.1f} / "
-                     f"{f['r2w']:.1f} | {f['tokens']:.0f} | {f['honest']:.1f} |")
+                     f"{f['r2w']:.1f} | {f['tokens']:.0f} | {f['right_if_right']:.0f} / {f['right_if_wrong']:.0f} |")
     lines += ["", "Exercise − reference: " + reading(paired_difference(rows[f"ex{n}"], rows["reference"]),
                                                       comp[f"ex{n}"]["n"])]
     log = "updates.jsonl" if n == 12 else "metrics.jsonl"
@@ -495,8 +505,11 @@ def answers_markdown(args: Args):
 
     import torch
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "?"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "?"
+    except OSError:  # no git
+        commit = "?"
     lines = ["# Answer key (written by `make answers`; do not edit)", "",
              f"Written at commit {commit}. Each exercise of EXERCISES.md as `make exercise N=<n>` ran it on the",
              "current defaults, beside its reference from `make demo` (stage 1: the reflection SFT; stage 2: SRPO),",
@@ -530,7 +543,7 @@ def answers_markdown(args: Args):
     else:
         lines += ["not run", ""]
     lines += ["## 16. Reflection against plain GRPO", ""]
-    if "grpo" in demo:
+    if "grpo" in demo and all(os.path.exists(os.path.join(args.runs_dir, r, "metrics.jsonl")) for r in ("srpo", "grpo")):
         def mean_of(run, key):
             rows = dataset.read_jsonl(os.path.join(args.runs_dir, run, "metrics.jsonl"))
             return sum(r[key] for r in rows) / len(rows)
@@ -545,7 +558,7 @@ def answers_markdown(args: Args):
         lines += ["not run", ""]
     lines += ["## 17. Does the dots model know when it is wrong?", ""]
     probes = {m: read_json(os.path.join(args.answers, "ex17", f"{m}.json")) for m in ("base", "sft")}
-    if all(probes.values()):
+    if all(p and p.get("auc_within_family_ci95") for p in probes.values()):
         for m, pr in probes.items():
             lo, hi = pr["auc_within_family_ci95"]
             lines.append(f"- {m}: AUC within families {pr['auc_within_family']:.2f} [{lo:.2f}, {hi:.2f}] "

@@ -88,8 +88,9 @@ def encode_sft(processor, questions, images, targets, system_prompt, untrained_p
                       padding_side="right")
     labels = batch["input_ids"].clone()
     for i, n in enumerate(prompt_lens):
-        if contexts[i] != prompts[i] and batch["input_ids"][i, n - 1] != context["input_ids"][i, n - 1]:
-            n -= 1  # the context's last token merged with the separator after it: train that token
+        if contexts[i] != prompts[i]:  # where the context's tokens end merged with what follows (BPE ">\n"),
+            differ = (batch["input_ids"][i, :n] != context["input_ids"][i, :n]).nonzero()  # train from there
+            n = int(differ[0]) if len(differ) else n
         labels[i, :n] = -100
     labels[batch["attention_mask"] == 0] = -100
     assert (labels[batch["attention_mask"].bool()] != -100).sum() > 0 and eot in batch["input_ids"]

@@ -59,12 +59,14 @@ def test_reward_flags_reach_the_reward():
     prompt = {"answer": "7", "choices": []}
     text = ("<think>Add.</think><answer>8</answer><reflection>The first answer is wrong.</reflection>"
             "<think>Again.</think><answer>7</answer>")
-    score = lambda **flags: grpo.make_reward_fn(grpo.Args(**flags), len)(text, prompt)  # noqa: E731
+    words = lambda t: len(t.split())  # noqa: E731  (B = 2 words, L = 5 = T_max: f_len = 1/e)
+    score = lambda **flags: grpo.make_reward_fn(grpo.Args(**flags), words)(text, prompt)  # noqa: E731
     base = score()
-    assert (base["verdict_honest"], base["verdict"], base["effectiveness"]) == (1.0, 0.0, 0.5)
+    assert (base["verdict_honest"], base["verdict"], base["effectiveness"]) == (1.0, 0.0, 0.5) and base["length"] > 0
     assert score(verdict_reward=0.25)["total"] == pytest.approx(base["total"] + 0.25)
     assert score(use_effectiveness=False)["total"] == pytest.approx(base["total"] - 0.5)
-    assert score(alpha=0.0)["length"] == 0 and score(use_reflection_format=False)["reflection_format"] == 0
+    assert score(alpha=0.2)["length"] == pytest.approx(2 * base["length"])
+    assert score(use_length=False)["length"] == 0 and score(use_reflection_format=False)["reflection_format"] == 0
     assert score(reward="grpo")["total"] == 1.0  # the last answer, no format for the reflective layout
 
 

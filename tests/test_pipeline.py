@@ -164,12 +164,13 @@ def test_the_answer_key_reports_an_exercise_against_its_reference(tmp_path):
         for step in range(12):
             dataset.append_jsonl(str(run / "metrics.jsonl"), {"step": step, "f_len": f_len, "length": f_len / 10,
                                                               "response_tokens": 60})
-    args = report.Args(answers=str(tmp_path / "exercises"), answers_out=str(tmp_path / "answers.md"))
+    args = report.Args(answers=str(tmp_path / "exercises"), answers_out=str(tmp_path / "answers.md"),
+                       demo_dir=str(tmp_path / "demo"), runs_dir=str(tmp_path), dots_demo_dir=str(tmp_path / "dots"))
     key = report.answers_markdown(args)
     assert "## 6. no length reward" in key and "123 s" in key and "## 7. no I_eff\n\nnot run" in key
     assert "| reference | 50.0 |" in key and "| exercise 6 | 100.0 |" in key
     assert "+50.0 [" in key  # the paired difference, in points
-    assert "f_len 0.002 → 0" in key and "| 20 | 50.0 |" in key  # one of two verdicts is honest
+    assert "f_len 0.002 → 0" in key and "| 20 | 100 / 100 |" in key  # "right" over a right and a wrong first answer
     assert "*Notice*: f_len over the reference's last ten steps is 0.002, so alpha x f_len is about 0.0002" in key
     assert "## 0. Find the equations\n\nRewards [1, 0, 0, 1]: advantages ±0.866" in key
     assert "## 17. Does the dots model know when it is wrong?\n\nnot run" in key
