@@ -156,7 +156,7 @@ EXERCISE_REF = $(if $(filter $(N),1 2 3 4 5),$(OUT)/sft,$(OUT)/srpo)
 exercise: $(VENV)/.installed
 	@case "$(N)" in [0-9]|1[0-8]) ;; *) echo "make exercise N=<0-18> (EXERCISES.md)"; exit 2;; esac
 	$(DEMO_FIRST)
-	rm -rf $(X) && mkdir -p $(X) && date +%s > $(X)/started && (git rev-parse --short HEAD > $(X)/commit 2>/dev/null || true)
+	rm -rf $(X) && mkdir -p $(X) && date +%s > $(X)/started && (git describe --always --dirty > $(X)/commit 2>/dev/null || true)
 ifeq ($(N),0)
 	@echo "exercise 0 is reading: README.md's paper-to-code table, then 03_grpo.py:group_advantages"
 else ifeq ($(N),15)

@@ -68,7 +68,9 @@ def auc(scores_right, scores_wrong):
 
 
 def auc_se(a, n_right, n_wrong):
-    """Standard error of a ROC AUC `a` from n_right and n_wrong scores (Hanley & McNeil, 1982)."""
+    """Standard error of a ROC AUC `a` from n_right and n_wrong scores (Hanley & McNeil, 1982). It takes the
+    reads as independent; two reads of one problem are not quite, so the interval it gives is a little narrow
+    (and is not clipped to [0, 1])."""
     q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
     return math.sqrt(max(a * (1 - a) + (n_right - 1) * (q1 - a * a) + (n_wrong - 1) * (q2 - a * a), 0.0)
                      / (n_right * n_wrong))
