@@ -360,7 +360,7 @@ def seeds_table(args: Args):
 # steps of both runs, what to notice: a sentence formatted with the run's figures, see exercise_figures).
 EXERCISES = {
     1: ("70% right first answers in the reflection set", (),
-        "The share of rows that reflect (exercise 2) sets how often SFT reflects; the verdicts in the set set what "
+        "The share of rows that reflect (exercise 2) sets how often SFT reflects; the verdicts in the data decide what "
         "its reflection concludes. The reference SFT says \"right\" on {ref[said_right]:.0f}% of its verdicts, this "
         "one on {ex[said_right]:.0f}%: the majority verdict of its data, whether the first answer was right "
         "({ex[right_if_right]:.0f}%) or wrong ({ex[right_if_wrong]:.0f}%), since it has not learned to compare."),
@@ -407,9 +407,9 @@ EXERCISES = {
          "A group's responses here share one layout and about {ref[tokens]:.0f} tokens, so weighing tokens or "
          "responses equally moves the gradient little; it matters when long wrong answers hold most tokens."),
     14: ("an honest-verdict term (--verdict_reward 0.25)", ("verdict_honest", "first_correct"),
-         "No paper term reads the verdict, and the SFT model already says \"wrong\" on {ref[said_wrong]:.0f}% "
-         "of its verdicts, right first answer or not: it has not learned to compare its check with its first "
-         "answer. Paid 0.25 for an honest verdict, RL says \"right\" on {ex[right_if_right]:.0f}% of right first "
+         "No paper term reads the verdict: SRPO says \"wrong\" on {ref[said_wrong]:.0f}% of its verdicts, right "
+         "first answer or not, as its SFT model did (exercise 1's reference): neither learned to compare the "
+         "check with the first answer. Paid 0.25 for an honest verdict, RL says \"right\" on {ex[right_if_right]:.0f}% of right first "
          "answers, and the first answer goes {ref[first]:.1f}% → {ex[first]:.1f}%. Where honesty rises with "
          "fewer right first answers, RL took the cheaper path rewards.py describes (a wrong first answer "
          "fixed under an honest \"wrong\" ties a right one under a false one): a reward hack, not honesty."),
