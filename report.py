@@ -418,10 +418,10 @@ BASE_GATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy", "bas
 
 
 def last_means(metrics_path, keys, last=10):
-    """{key: mean over the last `last` rows} of a training log ({} where it is missing)."""
+    """{key: mean over the last `last` rows (all rows: last=0)} of a training log ({} where it is missing)."""
     if not os.path.exists(metrics_path):
         return {}
-    rows = dataset.read_jsonl(metrics_path)[-last:]
+    rows = dataset.read_jsonl(metrics_path)[-last:]  # [-0:] is every row
     return {k: sum(r[k] for r in rows) / len(rows) for k in keys if rows and all(k in r for r in rows)}
 
 
@@ -429,8 +429,7 @@ def verdict_figures(rows):
     """What the reflections' verdicts ("The first answer is right/wrong.") say, in %: said_right and said_wrong
     of all verdicts; right_if_right / right_if_wrong: the share saying "right" over right / wrong first answers.
     An honest verdict has right_if_right near 100 and right_if_wrong near 0; a constant one has them equal."""
-    said = [(rewards.VERDICT.findall(r["response"])[-1], bool(r["first_correct"])) for r in rows
-            if rewards.VERDICT.search(r["response"])]
+    said = [(v, first) for v, first in ((rewards.said_verdict(r["response"]), r["first_correct"]) for r in rows) if v]
     share = lambda xs: 100 * sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
     return {"said_right": share([v == "right" for v, _ in said]), "said_wrong": share([v == "wrong" for v, _ in said]),
             "right_if_right": share([v == "right" for v, first in said if first]),
@@ -501,6 +500,7 @@ def answers_markdown(args: Args):
     """The teacher's key: for every exercise, the figures of its run against its reference on the same test
     problems (1-14), the gauge (15) and the figures the reading exercises point to (0, 16-18), each with what
     to notice. Returns the Markdown."""
+    import importlib
     import subprocess
 
     import torch
@@ -521,8 +521,9 @@ def answers_markdown(args: Args):
         lines.append(f"`make answers` took {int(open(took).read()) / 60:.0f} min here, besides `make demo`.")
     lines.append("")
     r = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    advantages = importlib.import_module("03_grpo").group_advantages(r[None])[0]  # the project's Eq. 3
     lines += ["## 0. Find the equations", "",
-              f"Rewards [1, 0, 0, 1]: advantages ±{((r - r.mean()) / r.std()).abs()[0]:.3f} with torch's std "
+              f"Rewards [1, 0, 0, 1]: advantages ±{advantages.abs()[0]:.3f} with torch's std "
               f"(n − 1: {r.std():.3f}), ±{((r - r.mean()) / r.std(unbiased=False)).abs()[0]:.3f} with the population "
               "std (n). All-equal rewards: 0 (spread 0; the eps keeps it finite), and the accuracy filter drops "
               "such groups before the loss. Eq. 3 writes std without saying which; the factor is the same for "
@@ -543,15 +544,14 @@ def answers_markdown(args: Args):
     else:
         lines += ["not run", ""]
     lines += ["## 16. Reflection against plain GRPO", ""]
-    if "grpo" in demo and all(os.path.exists(os.path.join(args.runs_dir, r, "metrics.jsonl")) for r in ("srpo", "grpo")):
-        def mean_of(run, key):
-            rows = dataset.read_jsonl(os.path.join(args.runs_dir, run, "metrics.jsonl"))
-            return sum(r[key] for r in rows) / len(rows)
+    runs = {r: last_means(os.path.join(args.runs_dir, r, "metrics.jsonl"), ("step_s", "response_tokens"), last=0)
+            for r in ("srpo", "grpo")}
+    if "grpo" in demo and all(len(m) == 2 for m in runs.values()):
         lines += [f"SRPO {pct(demo['srpo']['final_accuracy'])}%, grpo {pct(demo['grpo']['final_accuracy'])}%; "
                   "SRPO − grpo: " + reading(demo["srpo"]["paired"]["grpo"], demo["srpo"]["n"]),
-                  f"Per RL step, mean over the run: SRPO {mean_of('srpo', 'step_s'):.1f} s and "
-                  f"{mean_of('srpo', 'response_tokens'):.0f} tokens a response, grpo {mean_of('grpo', 'step_s'):.1f} "
-                  f"s and {mean_of('grpo', 'response_tokens'):.0f} tokens.", "",
+                  f"Per RL step, mean over the run: SRPO {runs['srpo']['step_s']:.1f} s and "
+                  f"{runs['srpo']['response_tokens']:.0f} tokens a response, grpo {runs['grpo']['step_s']:.1f} "
+                  f"s and {runs['grpo']['response_tokens']:.0f} tokens.", "",
                   "*Notice*: the reflective response is longer (a first attempt, the check, a second answer), so "
                   "each step costs more time, as the paper's 31.2 h against 25.8 h at 7B.", ""]
     else:

@@ -51,7 +51,7 @@ variant="final": RL on the final answer alone, for a policy that answers in the 
 Not in the paper, off by default: verdict_weight (03 --verdict_reward, EXERCISES.md 14) adds to the paper
 variant `verdict_weight` when the reflection's verdict sentence says what the first answer was: "The first
 answer is right." over a right one, "... wrong." over a wrong one. No paper term reads the reflection's
-words, so under RL they drift where nothing holds them (RESULTS.md); this term is the exercise's answer.
+words, so they stay what SFT left them (RESULTS.md); this term is the exercise's answer.
 The sentence is the toy teacher's wording (VERDICT); a real teacher's reflections would need a pattern of
 their own. It is paid only in a reflection I_ref would pay for. `verdict_honest` (0/1) is logged by the paper
 variant whatever the weight (0 in the others). The term opens a cheaper path than honesty: at w = 0.25,
@@ -82,7 +82,7 @@ VARIANTS = ("paper", "released", "grpo", "final")
 PAPER_LAYOUTS = (("think", "answer", "reflection", "think", "answer"),  # RL prompt's layout
                  ("think", "answer", "reflection", "answer"))  # SFT targets' layout
 REWARD_KEYS = (
-    "total",  # the reward; = format + accuracy + effectiveness + reflection_format + length
+    "total",  # the reward; = format + accuracy + effectiveness + reflection_format + length + verdict
     "format", "accuracy", "effectiveness", "reflection_format",  # R_format, R_accuracy, I_eff, I_ref
     "length",  # alpha * f_len
     "verdict",  # verdict_weight x verdict_honest: not in the paper, 0 by default
@@ -123,11 +123,17 @@ def _first_solution_len(p, count_tokens):
     return count_tokens(p["think1"] or "") + count_tokens(p["answer1"] or "")
 
 
+def said_verdict(text):
+    """'right' or 'wrong': what the text's last verdict sentence (VERDICT) says; None where it has none."""
+    said = VERDICT.findall(text or "")
+    return said[-1] if said else None
+
+
 def honest_verdict(reflection, first_correct) -> bool:
-    """True when the reflection's last verdict sentence (VERDICT) says what the first answer was; False when
-    it says the opposite or has none. Not in the paper: exercise 14's term reads it."""
-    said = VERDICT.findall(reflection or "")
-    return bool(said) and (said[-1] == "right") == bool(first_correct)
+    """True when the reflection's last verdict sentence says what the first answer was; False when it says
+    the opposite or has none. Not in the paper: exercise 14's term reads it."""
+    said = said_verdict(reflection)
+    return said is not None and (said == "right") == bool(first_correct)
 
 
 def paper_format(p) -> float:
@@ -176,10 +182,9 @@ def paper_reward(response, gold, *, count_tokens=None, alpha=0.1, use_length=Tru
         eff = EFFECTIVENESS[(first, second)]  # Eq. (7)
     one_reflection = sum(name == "reflection" for _, _, name, _ in grading.find_tags(response)) == 2 \
         and len(p["reflections"]) == 1 and not grading.find_tags(p["reflection"])
-    ref = REFLECTION_FORMAT_REWARD if one_reflection and use_reflection_format and p["answer1"] is not None \
-        and p["answer2"] is not None else 0.0
+    well_formed = one_reflection and p["answer1"] is not None and p["answer2"] is not None  # what I_ref pays
+    ref = REFLECTION_FORMAT_REWARD if well_formed and use_reflection_format else 0.0
     f = f_len(count_tokens(response), _first_solution_len(p, count_tokens)) if use_length else 0.0
-    well_formed = one_reflection and p["answer1"] is not None and p["answer2"] is not None  # as I_ref asks
     honest = well_formed and honest_verdict(p["reflection"], first)  # not in the paper
     # Eqs. (4) and (6): R = R_format + R_accuracy + I_eff + I_ref + alpha * f_len (+ the verdict term, default 0)
     return _result(fmt, acc, eff, ref, f, alpha, first, final, has_refl, honest, verdict_weight)

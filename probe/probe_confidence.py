@@ -172,7 +172,8 @@ def main(args: Args):
             rows[fam]["auc_se"] = auc_se(rows[fam]["auc"], len(s["right"]), len(s["wrong"]))
     pooled = auc([p for s in by_family.values() for p in s["right"]], [p for s in by_family.values() for p in s["wrong"]])
     scored = {f: r for f, r in rows.items() if r["auc"] is not None}
-    weights = {f: r["reads"] / sum(r["reads"] for r in scored.values()) for f, r in scored.items()}
+    total_reads = sum(r["reads"] for r in scored.values())
+    weights = {f: r["reads"] / total_reads for f, r in scored.items()}
     within = sum(weights[f] * r["auc"] for f, r in scored.items()) if scored else None
     half = 1.96 * math.sqrt(sum((weights[f] * r["auc_se"]) ** 2 for f, r in scored.items())) if scored else None
     within_ci = [within - half, within + half] if scored else None  # families independent
