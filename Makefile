@@ -164,11 +164,11 @@ else ifeq ($(N),15)
 else ifeq ($(N),16)
 	cat $(DEMO)/comparison.md
 else ifeq ($(N),17)
-	[ -f runs/toy-dots/srpo/model.safetensors ] || $(MAKE) demo-dots
-	OMP_NUM_THREADS=$(THREADS) $(PY) probe/probe_confidence.py --model runs/toy-dots/base --out $(X)/base.json
-	OMP_NUM_THREADS=$(THREADS) $(PY) probe/probe_confidence.py --model runs/toy-dots/sft --prompt reflect --out $(X)/sft.json
+	[ -f $(DOTS)/srpo/model.safetensors ] || $(MAKE) demo-dots
+	OMP_NUM_THREADS=$(THREADS) $(PY) probe/probe_confidence.py --model $(DOTS)/base --out $(X)/base.json
+	OMP_NUM_THREADS=$(THREADS) $(PY) probe/probe_confidence.py --model $(DOTS)/sft --prompt reflect --out $(X)/sft.json
 else ifeq ($(N),18)
-	cat $(DEMO)/comparison.md runs/demo-dots/toy-dots-test/comparison.md toy/base_model/eval.json
+	cat $(DEMO)/comparison.md $(DOTS_DEMO)/toy-dots-test/comparison.md toy/base_model/eval.json
 else
 	$(EXERCISE_$(N))
 	OMP_NUM_THREADS=$(THREADS) $(PY) 04_eval.py --benchmark toy --seed $(SEED) --limit 500 --out_dir $(X)/eval \
